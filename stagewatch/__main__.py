@@ -1,0 +1,7 @@
+"""`python -m stagewatch` runs the command line."""
+
+import sys
+
+from stagewatch.cli import main
+
+sys.exit(main())
