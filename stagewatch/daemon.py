@@ -1,0 +1,413 @@
+"""`stagewatch run`: the watcher, the webhook and the engine, under systemd.
+
+    staging (inotify) --settled pair--\\
+                                       > coordinator (one queue, one thread) --> engine
+    webhook (HTTP) -------arm---------/
+
+The coordinator owns the daemon's only mutable state (idle, armed until T, deploying ID) and
+decides everything on the main thread from one queue, so no two threads ever decide at once.
+The webhook only arms; a deploy starts when an arm and a settled pair meet. Deploys run on a
+worker thread so that signals and the webhook stay responsive while one runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from stagewatch import __version__
+from stagewatch.config import Config, load_config, read_secret
+from stagewatch.engine import DeployRequest, Engine, NothingStagedError, new_attempt_id
+from stagewatch.errors import BusyError, ConfigError, StagewatchError
+from stagewatch.heartbeat import Heartbeats
+from stagewatch.history import Record, utc_now
+from stagewatch.logs import deploy_context
+from stagewatch.notify import Notifier
+from stagewatch.status import Arm, current_status, read_arm, without_host_paths, write_arm
+from stagewatch.watcher import StagedPair, StagingWatcher
+from stagewatch.webhook import WebhookServer
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+
+# A SIGTERM must end the agent within 5 s (CONTRACT.md); the parts get this long to close.
+_SHUTDOWN_SECONDS = 3.0
+
+
+@dataclass(frozen=True)
+class _Event:
+    kind: str  # "armed", "settled", "deploy-finished", "reload", "stop"
+    payload: Any = None
+
+
+class Coordinator:
+    """The daemon's state, changed only on the main thread from the events in its queue."""
+
+    def __init__(self, config: Config, secret: bytes) -> None:
+        self.config = config
+        self.secret = secret
+        self.heartbeats = Heartbeats()
+        self.notifier = Notifier(self.heartbeats)
+        self.engine = Engine(config, heartbeats=self.heartbeats, on_state=self._on_engine_state)
+        self.events: queue.Queue[_Event] = queue.Queue()
+
+        # Read by the webhook's thread, written under the lock by the main thread only.
+        self._lock = threading.Lock()
+        self._arm: Arm | None = None
+        self._deploying: str | None = None
+        self._step: str | None = None
+
+        self._worker: threading.Thread | None = None
+        self._serving = False
+        self._last_deployed: StagedPair | None = None
+        self._waiting_logged: StagedPair | None = None
+        self.watcher = StagingWatcher(config.staging, self._on_settled, self.heartbeats)
+        self.webhook = WebhookServer(config.webhook, secret, self, self.heartbeats)
+
+    # The webhook's side (ArmTarget): quick, thread-safe, deciding nothing but the arm itself.
+
+    def arm(self, sha256: str | None, version: str | None, force: bool) -> dict[str, Any]:
+        with self._lock:
+            if self._deploying is not None:
+                raise BusyError(f"deploy {self._deploying} is running")
+
+            armed_until = datetime.now(UTC) + timedelta(
+                seconds=self.config.staging.arm_timeout_seconds
+            )
+            until_text = armed_until.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            # A second POST while armed (a retrying build machine) renews the same arm.
+            arm_id = self._arm.id if self._arm is not None else new_attempt_id()
+            arm = Arm(arm_id, until_text, sha256, version, force)
+            self._arm = arm
+            write_arm(self.config, arm)
+            self.engine.history.save(
+                Record(
+                    id=arm_id,
+                    kind="deploy",
+                    state="armed",
+                    trigger="webhook",
+                    started_at=utc_now(),
+                    sha256=sha256,
+                    version=version,
+                    forced=force,
+                    armed_until=until_text,
+                )
+            )
+
+        self.events.put(_Event("armed"))
+        return {"id": arm_id, "state": "armed", "armed_until": until_text}
+
+    def deploy_record(self, deploy_id: str) -> dict[str, Any] | None:
+        record = self.engine.history.get(deploy_id)
+        return without_host_paths(record.to_json()) if record is not None else None
+
+    def status(self) -> dict[str, Any]:
+        document = current_status(self.config, self.engine.history, self._state_name())
+        return without_host_paths(document)
+
+    # The main thread.
+
+    def run(self) -> int:
+        """Recover, then serve until SIGTERM. Recovery runs on the worker thread, so that a
+        SIGTERM during it is still answered within seconds."""
+        self.notifier.start_pinger()
+        self.notifier.status("settling what the last run left, if anything")
+        self._worker = threading.Thread(
+            target=self._recover_in_worker, name="recovery", daemon=True
+        )
+        self._worker.start()
+
+        try:
+            self._loop()
+        finally:
+            self._shut_down()
+        return EXIT_OK
+
+    def _start_serving(self) -> None:
+        self._worker = None
+        self.watcher.start()
+        self.webhook.start()
+        host, port = self.webhook.address
+        log.info(
+            "stagewatch %s watching %s, webhook on %s:%d%s (arm %s)",
+            __version__,
+            self.config.staging.dir,
+            host,
+            port,
+            self.config.webhook.path,
+            "required" if self.config.staging.require_arm else "not required",
+        )
+        self._serving = True
+        self.notifier.ready()
+        self.watcher.rescan()
+
+    def _loop(self) -> None:
+        while True:
+            event = self._next_event()
+            if event is None:
+                self._expire_arm()
+            elif event.kind == "stop":
+                return
+            elif event.kind == "recovered":
+                self._start_serving()
+            elif not self._serving:
+                continue
+            elif event.kind == "reload":
+                self._reload()
+            elif event.kind == "deploy-finished":
+                self._deploy_finished(event.payload)
+            elif event.kind in ("armed", "settled"):
+                if event.kind == "armed":
+                    self.watcher.rescan()
+                self._maybe_start_deploy()
+            self._announce()
+
+    def worker_alive(self) -> bool:
+        return self._worker is not None and self._worker.is_alive()
+
+    def _next_event(self) -> _Event | None:
+        """The next event, or None when the arm's deadline passed. Idle means blocked."""
+        timeout = None
+        with self._lock:
+            if self._arm is not None and self._deploying is None:
+                deadline = datetime.fromisoformat(self._arm.armed_until.replace("Z", "+00:00"))
+                timeout = max(0.0, (deadline - datetime.now(UTC)).total_seconds())
+        try:
+            return self.events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def _maybe_start_deploy(self) -> None:
+        if self._deploying is not None:
+            return
+
+        pair = self.watcher.waiting()
+        if pair is None or pair == self._last_deployed:
+            return
+
+        if self._arm is None and self.config.staging.require_arm:
+            if pair != self._waiting_logged:
+                log.info("A complete release is staged; waiting for the webhook to arm a deploy")
+                self._waiting_logged = pair
+            return
+
+        arm = self._arm
+        request = (
+            DeployRequest(arm.id, arm.sha256, arm.version, arm.force, "webhook")
+            if arm is not None
+            else DeployRequest(trigger="files")
+        )
+        self._start_worker(request, pair)
+
+    def _start_worker(self, request: DeployRequest, pair: StagedPair) -> None:
+        deploy_id = request.id or new_attempt_id()
+        request = replace(request, id=deploy_id)
+        with self._lock:
+            self._arm = None
+            self._deploying, self._step = deploy_id, "verifying"
+        write_arm(self.config, None)
+        self._last_deployed = pair
+
+        self._worker = threading.Thread(
+            target=self._deploy_in_worker, args=(request,), name=f"deploy {deploy_id}", daemon=True
+        )
+        self._worker.start()
+
+    def _deploy_in_worker(self, request: DeployRequest) -> None:
+        outcome: str | None = None
+        try:
+            outcome = self.engine.deploy(request).outcome
+        except (BusyError, NothingStagedError) as error:
+            with deploy_context(request.id or "-"):
+                log.warning("Deploy did not start: %s", error)
+            self._record_not_started(request, str(error))
+        except StagewatchError as error:
+            with deploy_context(request.id or "-"):
+                log.error("Deploy stopped: %s", error)
+        except Exception:
+            # An unexpected error must not kill the daemon silently: the journal keeps the
+            # attempt, and the next start settles it.
+            log.exception("Deploy %s crashed; the journal keeps it for the next start", request.id)
+        finally:
+            self.events.put(_Event("deploy-finished", outcome))
+
+    def _deploy_finished(self, outcome: str | None) -> None:
+        with self._lock:
+            finished_id, self._deploying, self._step = self._deploying, None, None
+        if self._worker is not None:
+            self._worker.join()
+        log.info("Deploy %s ended: %s; back to watching", finished_id, outcome or "not run")
+
+        # With require_arm = false, a pair that arrived during the deploy goes next.
+        self._maybe_start_deploy()
+
+    def _record_not_started(self, request: DeployRequest, reason: str) -> None:
+        if request.id is None or self.engine.history.get(request.id) is None:
+            return
+        record = self.engine.history.get(request.id)
+        if record is not None and record.outcome is None and record.state == "armed":
+            record.state, record.outcome, record.reason = "finished", "rejected", reason
+            record.finished_at = utc_now()
+            self.engine.history.save(record)
+
+    def _expire_arm(self) -> None:
+        with self._lock:
+            arm = self._arm
+            if arm is None or not arm.expired():
+                return
+            self._arm = None
+        write_arm(self.config, None)
+        self._finish_unstarted(arm.id, "expired", self._expiry_reason())
+
+    def _expiry_reason(self) -> str:
+        seconds = self.config.staging.arm_timeout_seconds
+        return f"armed, but no complete release was staged within {seconds:g} s"
+
+    def _finish_unstarted(self, attempt_id: str, outcome: str, reason: str) -> None:
+        record = self.engine.history.get(attempt_id)
+        if record is None or record.outcome is not None:
+            return
+        record.state, record.outcome, record.reason = "finished", outcome, reason
+        record.finished_at = utc_now()
+        self.engine.history.save(record)
+        with deploy_context(attempt_id):
+            log.warning("Arm %s: %s", outcome, reason)
+
+    def _recover_in_worker(self) -> None:
+        try:
+            self._recover()
+        except StagewatchError as error:
+            log.error("Could not settle the interrupted deploy: %s", error)
+        finally:
+            self.events.put(_Event("recovered"))
+
+    def _recover(self) -> None:
+        """Settle what the last run left: an interrupted deploy, an arm, stale records."""
+        try:
+            recovered = self.engine.recover()
+        except BusyError as error:
+            log.warning("Recovery postponed: %s", error)
+            recovered = None
+        if recovered is not None:
+            log.info(
+                "Interrupted %s %s settled: %s", recovered.kind, recovered.id, recovered.outcome
+            )
+
+        arm = read_arm(self.config)
+        if arm is not None and arm.expired():
+            write_arm(self.config, None)
+            self._finish_unstarted(arm.id, "expired", self._expiry_reason())
+            arm = None
+        self._arm = arm
+
+        for record in self.engine.history.unfinished():
+            if arm is not None and record.id == arm.id:
+                continue
+            outcome = "expired" if record.state == "armed" else "interrupted"
+            self._finish_unstarted(
+                record.id, outcome, "the agent stopped before this attempt could finish"
+            )
+
+    def _reload(self) -> None:
+        """SIGHUP: the new configuration and secret, or the old ones if the new are invalid."""
+        self.notifier.reloading()
+        try:
+            config = load_config(self.config.source or Path())
+            secret = read_secret(config)
+        except ConfigError as error:
+            log.error("Reload refused, keeping the running configuration: %s", error)
+            self.notifier.ready()
+            return
+
+        if self._deploying is not None and config != self.config:
+            log.warning("Configuration reloaded; the running deploy finishes with the old one")
+
+        if config.staging != self.config.staging:
+            self.watcher.stop()
+            self.watcher = StagingWatcher(config.staging, self._on_settled, self.heartbeats)
+            self.watcher.start()
+        self.webhook.reload(config.webhook, secret)
+        self.config, self.secret = config, secret
+        if self._deploying is None:
+            self.engine = Engine(config, heartbeats=self.heartbeats, on_state=self._on_engine_state)
+        log.info("Configuration and secret reloaded from %s", config.source)
+        self.notifier.ready()
+
+    def _shut_down(self) -> None:
+        self.notifier.stopping()
+        if self._serving:
+            self.webhook.stop()
+            self.watcher.stop()
+        self.notifier.stop_pinger()
+        if self.worker_alive():
+            # The journal holds the deploy; the next start finishes or undoes it.
+            log.warning(
+                "Stopping during deploy %s (step %s); it resumes at the next start",
+                self._deploying,
+                self._step,
+            )
+        log.info("stagewatch stopped")
+
+    # Callbacks from other threads: they only queue events.
+
+    def _on_settled(self, pair: StagedPair) -> None:
+        self.events.put(_Event("settled", pair))
+
+    def _on_engine_state(self, step: str, attempt_id: str | None) -> None:
+        with self._lock:
+            if self._deploying is not None:
+                self._step = step
+        self._announce()
+
+    def request_stop(self, signum: int, frame: FrameType | None) -> None:
+        self.events.put(_Event("stop"))
+
+    def request_reload(self, signum: int, frame: FrameType | None) -> None:
+        self.events.put(_Event("reload"))
+
+    # The one-line state for systemd.
+
+    def _state_name(self) -> str:
+        with self._lock:
+            if self._deploying is not None:
+                return self._step or "verifying"
+            return "armed" if self._arm is not None else "idle"
+
+    def _announce(self) -> None:
+        with self._lock:
+            deploying, step, arm = self._deploying, self._step, self._arm
+        if deploying is not None:
+            line = f"deploying {deploying}: {step}"
+        elif arm is not None:
+            line = f"armed until {arm.armed_until} ({arm.id}); waiting for a complete release"
+        else:
+            line = f"idle; watching {self.config.staging.dir}"
+        self.notifier.status(line)
+
+
+def run_daemon(config_path: Path) -> int:
+    """Load the configuration and secret, then run until SIGTERM; return the exit code."""
+    config = load_config(config_path)
+    secret = read_secret(config)
+    coordinator = Coordinator(config, secret)
+
+    signal.signal(signal.SIGTERM, coordinator.request_stop)
+    signal.signal(signal.SIGINT, coordinator.request_stop)
+    signal.signal(signal.SIGHUP, coordinator.request_reload)
+    code = coordinator.run()
+    if coordinator.worker_alive():
+        # A deploy or recovery is mid-step: end now rather than wait for it. The journal
+        # holds its place, exactly as after a crash, and the next start settles it.
+        logging.shutdown()
+        os._exit(code)
+    return code

@@ -1,0 +1,575 @@
+"""The deploy state machine: the one place that decides what happens next.
+
+    armed -> verifying -> snapshotting -> swapping -> restarting -> checking -> succeeded
+                                                                            -> rolling_back
+                                                      rolling_back -> rolled_back | failed
+
+Each stage lives in its own module (verify, snapshot, swap, service, health, rollback); this
+module runs them in order from the journal. The journal is written before every step, and every
+step is safe to run twice, so recovery after a crash is "run the step in the journal again"
+(DESIGN-NOTES.md has the table). The engine knows nothing of inotify or HTTP: the command line
+and the daemon both hand it a DeployRequest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from stagewatch import journal, lock, rollback, snapshot, swap, verify
+from stagewatch.config import Config
+from stagewatch.errors import (
+    HealthError,
+    RecoveryError,
+    RejectedError,
+    ServiceError,
+    SnapshotError,
+    StagewatchError,
+    SwapError,
+)
+from stagewatch.health import check_health
+from stagewatch.heartbeat import Heartbeat, Heartbeats, detached
+from stagewatch.history import History, Record, utc_now
+from stagewatch.journal import Entry
+from stagewatch.logs import deploy_context
+from stagewatch.service import ServiceManager, ServiceState, manager_for
+
+log = logging.getLogger(__name__)
+
+VERIFYING = "verifying"
+SNAPSHOTTING = "snapshotting"
+SWAPPING = "swapping"
+RESTARTING = "restarting"
+CHECKING = "checking"
+ROLLING_BACK = "rolling_back"
+FINISHED = "finished"
+
+# How long a step may go without a heartbeat before the watchdog pings stop. A step that
+# beats per chunk or per poll gets a short leash; SQLite's one-call backup cannot beat.
+_STEP_SILENCE_SECONDS = {
+    VERIFYING: 30.0,
+    SNAPSHOTTING: 600.0,
+    SWAPPING: 30.0,
+    RESTARTING: 0.0,  # restart_timeout_seconds is added
+    CHECKING: 30.0,
+    ROLLING_BACK: 0.0,  # restart_timeout_seconds is added
+}
+
+
+def new_attempt_id() -> str:
+    """A sortable, unguessable id: 20261203T184900Z-3f2a9c."""
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+@dataclass(frozen=True)
+class DeployRequest:
+    """What arms a deploy: from the webhook's body, the command line, or complete files alone."""
+
+    id: str | None = None
+    sha256: str | None = None
+    version: str | None = None
+    force: bool = False
+    trigger: str = "cli"
+
+
+class Engine:
+    """Runs deploys, rollbacks and restores one at a time, and recovers interrupted ones."""
+
+    def __init__(
+        self,
+        config: Config,
+        manager: ServiceManager | None = None,
+        heartbeats: Heartbeats | None = None,
+        on_state: Callable[[str, str | None], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.manager = manager if manager is not None else manager_for(config.service)
+        self.heartbeats = heartbeats
+        self.on_state = on_state
+        prepare_state_folder(config)
+        self.history = History(config.state.history_path)
+
+        # Within one attempt: the verified copy waiting for the swap, and the service's state
+        # before the restart (to tell a new main process from the old one). Neither survives a
+        # crash, and recovery does without them: it verifies again, or checks health afresh.
+        self._pending_copy: verify.VerifiedCopy | None = None
+        self._service_state_before: ServiceState | None = None
+
+    # The public operations: each takes the lock and first settles an interrupted attempt.
+
+    def deploy(self, request: DeployRequest) -> Record:
+        """Deploy what is staged now; return the finished record (any outcome)."""
+        with lock.exclusive(self.config.state.lock_path, "deploy"):
+            self._recover_locked()
+            self._require_staged_pair()
+            entry = Entry(
+                id=request.id or new_attempt_id(),
+                kind="deploy",
+                step=VERIFYING,
+                started_at=utc_now(),
+                expected_sha256=request.sha256,
+                version=request.version,
+                force=request.force,
+                trigger=request.trigger,
+            )
+            return self._drive(entry)
+
+    def rollback(self, to_prefix: str | None = None) -> Record:
+        """Reinstall the previous kept release (or the one named by sha256 prefix) and check it."""
+        with lock.exclusive(self.config.state.lock_path, "roll back"):
+            self._recover_locked()
+            target = self._rollback_target(to_prefix)
+            entry = Entry(
+                id=new_attempt_id(),
+                kind="rollback",
+                step=VERIFYING,
+                started_at=utc_now(),
+                expected_sha256=target.sha256,
+                target_sha256=target.sha256,
+                trigger="cli",
+            )
+            return self._drive(entry)
+
+    def recover(self) -> Record | None:
+        """Finish or undo an interrupted attempt, if the journal holds one."""
+        with lock.exclusive(self.config.state.lock_path, "recover"):
+            return self._recover_locked()
+
+    def take_snapshot(self) -> snapshot.Snapshot | None:
+        """`snapshots create`: one snapshot now, under the same rules as a deploy's."""
+        with lock.exclusive(self.config.state.lock_path, "take a snapshot"):
+            self._recover_locked()
+            return snapshot.take_snapshot(self.config.database, "manual", detached("snapshot"))
+
+    def restore_snapshot(self, name: str) -> Path:
+        """Stop the service, restore the named snapshot, start it again, check health."""
+        with lock.exclusive(self.config.state.lock_path, "restore a snapshot"):
+            self._recover_locked()
+            record = Record(
+                id=new_attempt_id(),
+                kind="restore",
+                state="restoring",
+                trigger="cli",
+                started_at=utc_now(),
+                snapshot=name,
+            )
+            self.history.save(record)
+            with deploy_context(record.id):
+                return self._restore_locked(record, name)
+
+    # Driving the state machine.
+
+    def _drive(self, entry: Entry) -> Record:
+        with deploy_context(entry.id):
+            if not entry.steps:
+                log.info(
+                    "%s started (%s%s)",
+                    entry.kind.capitalize(),
+                    f"trigger {entry.trigger}",
+                    f", version {entry.version}" if entry.version else "",
+                )
+            while entry.step != FINISHED:
+                self._run_step(entry)
+            return self._finish(entry)
+
+    def _run_step(self, entry: Entry) -> None:
+        step = entry.step
+        journal.write(self.config.state.journal_path, entry)
+        self._save_record(entry)
+        if self.on_state is not None:
+            self.on_state(step, entry.id)
+
+        started_at = utc_now()
+        started = time.monotonic()
+        heartbeat = self._heartbeat(step)
+        try:
+            next_step, detail = self._step_handler(step)(entry, heartbeat)
+            ok = True
+        except (StagewatchError, OSError) as error:
+            next_step, detail = self._after_failure(entry, describe(error))
+            ok = False
+        finally:
+            heartbeat.close()
+
+        seconds = round(time.monotonic() - started, 3)
+        entry.steps.append(
+            {"name": step, "started_at": started_at, "seconds": seconds, "ok": ok, "detail": detail}
+        )
+        level = logging.INFO if ok else logging.ERROR
+        log.log(
+            level, "Step %s %s in %.2f s: %s", step, "done" if ok else "FAILED", seconds, detail
+        )
+        entry.step = next_step
+
+    def _step_handler(self, step: str) -> Callable[[Entry, Heartbeat], tuple[str, str]]:
+        handlers: dict[str, Callable[[Entry, Heartbeat], tuple[str, str]]] = {
+            VERIFYING: self._verify,
+            SNAPSHOTTING: self._snapshot,
+            SWAPPING: self._swap,
+            RESTARTING: self._restart,
+            CHECKING: self._check,
+            ROLLING_BACK: self._roll_back,
+        }
+        return handlers[step]
+
+    def _after_failure(self, entry: Entry, reason: str) -> tuple[str, str]:
+        """Decide where a failed step leads: nothing changed yet means rejected, else undo."""
+        if entry.step == ROLLING_BACK:
+            entry.outcome, entry.reason = (
+                "failed",
+                f"{entry.rollback_reason}; rollback failed: {reason}",
+            )
+            return FINISHED, reason
+
+        if entry.step in (VERIFYING, SNAPSHOTTING) or not self._new_binary_may_be_installed(entry):
+            entry.outcome, entry.reason = "rejected", reason
+            self._discard_copy(entry)
+            return FINISHED, reason
+
+        entry.rollback_reason = reason
+        return ROLLING_BACK, reason
+
+    def _new_binary_may_be_installed(self, entry: Entry) -> bool:
+        if entry.step != SWAPPING:
+            return True
+        return installed_sha256(self.config) != entry.previous_sha256
+
+    # The steps. Each returns the next step and a one-line detail for the log and history.
+
+    def _verify(self, entry: Entry, heartbeat: Heartbeat) -> tuple[str, str]:
+        install_path = self.config.service.binary
+        verify.remove_stale_copies(install_path)
+        entry.previous_sha256 = installed_sha256(self.config)
+
+        if entry.kind == "rollback":
+            release = swap.find_release(self.config.state.releases_dir, entry.target_sha256 or "")
+            entry.new_sha256 = release.sha256
+            return SNAPSHOTTING, f"kept release {release.sha256[:12]} found"
+
+        entry.staged_identity = staged_identity(self.config)
+        copy = verify.stage_verified_copy(
+            self.config.staging, install_path, entry.expected_sha256, heartbeat
+        )
+        entry.new_sha256 = copy.sha256
+        self._pending_copy = copy
+
+        earlier = self.history.rolled_back_attempt(copy.sha256)
+        if earlier is not None and not entry.force:
+            raise RejectedError(
+                f"release {copy.sha256[:12]} was rolled back by attempt {earlier.id} "
+                f"({earlier.reason}); push it with force to deploy it again"
+            )
+
+        return SNAPSHOTTING, f"sha256 {copy.sha256} matches ({copy.size} bytes)"
+
+    def _snapshot(self, entry: Entry, heartbeat: Heartbeat) -> tuple[str, str]:
+        if entry.snapshot and (self.config.database.snapshot_dir / entry.snapshot).exists():
+            return SWAPPING, f"snapshot {entry.snapshot} already taken"
+
+        snapshot.remove_partials(self.config.database.snapshot_dir)
+        taken = snapshot.take_snapshot(self.config.database, entry.id, heartbeat)
+        if taken is None:
+            return SWAPPING, f"no database at {self.config.database.path}; snapshot skipped"
+
+        entry.snapshot = taken.name
+        return SWAPPING, f"snapshot {taken.name} ({taken.size} bytes, integrity ok)"
+
+    def _swap(self, entry: Entry, heartbeat: Heartbeat) -> tuple[str, str]:
+        install_path = self.config.service.binary
+        if entry.new_sha256 and installed_sha256(self.config) == entry.new_sha256:
+            verify.remove_stale_copies(install_path)
+            return RESTARTING, f"{install_path} already holds {entry.new_sha256[:12]}"
+
+        if entry.kind == "rollback":
+            releases_dir = self.config.state.releases_dir
+            target = swap.find_release(releases_dir, entry.target_sha256 or "")
+            swap.keep_current(install_path, releases_dir, heartbeat)
+            swap.install_release(target.path, install_path, heartbeat, target.sha256)
+        else:
+            copy = self._take_pending_copy(entry, heartbeat)
+            swap.install(
+                copy,
+                install_path,
+                self.config.state.releases_dir,
+                self.config.state.keep_releases,
+                heartbeat,
+            )
+
+        previous = (entry.previous_sha256 or "none")[:12]
+        return RESTARTING, f"{install_path} now holds {entry.new_sha256}; previous {previous} kept"
+
+    def _restart(self, entry: Entry, heartbeat: Heartbeat) -> tuple[str, str]:
+        self._service_state_before = self.manager.state()
+        self.manager.restart()
+        return CHECKING, f"{self.manager.unit} restarted"
+
+    def _check(self, entry: Entry, heartbeat: Heartbeat) -> tuple[str, str]:
+        report = check_health(
+            self.manager, self.config.health, heartbeat, self._service_state_before
+        )
+        self._service_state_before = None
+        entry.outcome, entry.reason = "succeeded", None
+        return FINISHED, (
+            f"healthy after {report.became_healthy_after_seconds:.1f} s and stable for "
+            f"{report.stable_seconds:.1f} s ({report.state.detail})"
+        )
+
+    def _roll_back(self, entry: Entry, heartbeat: Heartbeat) -> tuple[str, str]:
+        log.warning("Rolling back: %s", entry.rollback_reason)
+        detail = rollback.put_back(
+            self.config, self.manager, entry.previous_sha256, entry.snapshot, heartbeat
+        )
+        entry.outcome, entry.reason = "rolled_back", entry.rollback_reason
+        return FINISHED, detail
+
+    # Finishing and recovery.
+
+    def _finish(self, entry: Entry) -> Record:
+        journal.write(self.config.state.journal_path, entry)
+        record = self._save_record(entry)
+        self._clear_staging(entry)
+        journal.clear(self.config.state.journal_path)
+        if self.on_state is not None:
+            self.on_state("idle", None)
+
+        level = logging.INFO if entry.outcome == "succeeded" else logging.ERROR
+        log.log(
+            level,
+            "%s %s%s",
+            entry.kind.capitalize(),
+            entry.outcome,
+            f": {entry.reason}" if entry.reason else "",
+        )
+        return record
+
+    def _recover_locked(self) -> Record | None:
+        entry = journal.read(self.config.state.journal_path)
+        if entry is None:
+            return None
+
+        with deploy_context(entry.id):
+            log.warning(
+                "Recovering the %s interrupted at step %s (the agent stopped during it)",
+                entry.kind,
+                entry.step,
+            )
+            entry.step = self._resume_step(entry)
+            return self._drive(entry)
+
+    def _resume_step(self, entry: Entry) -> str:
+        """Where an interrupted attempt goes on: the table in DESIGN-NOTES.md."""
+        verify.remove_stale_copies(self.config.service.binary)
+        snapshot.remove_partials(self.config.database.snapshot_dir)
+
+        if entry.step == FINISHED:
+            return FINISHED
+
+        if entry.step in (VERIFYING, SNAPSHOTTING):
+            return self._resume_before_swap(entry)
+
+        if entry.step == SWAPPING:
+            if installed_sha256(self.config) == entry.new_sha256:
+                return RESTARTING
+            return self._resume_before_swap(entry)
+
+        if entry.step in (RESTARTING, CHECKING):
+            if installed_sha256(self.config) != entry.new_sha256:
+                entry.rollback_reason = "the agent stopped during the restart"
+                return ROLLING_BACK
+            return RESTARTING
+
+        if entry.step == ROLLING_BACK:
+            return ROLLING_BACK
+
+        raise RecoveryError(f"the journal names an unknown step {entry.step!r}")
+
+    def _resume_before_swap(self, entry: Entry) -> str:
+        """Nothing was changed yet: verify again if the same files are still staged."""
+        if entry.kind == "rollback" or staged_identity(self.config) == entry.staged_identity:
+            return VERIFYING
+
+        entry.outcome = "rejected"
+        entry.reason = (
+            "the agent stopped before the swap and the staged files changed or went away "
+            "since; nothing was changed on the host"
+        )
+        entry.staged_identity = None
+        return FINISHED
+
+    def _restore_locked(self, record: Record, name: str) -> Path:
+        log.info("Restoring snapshot %s: stopping %s", name, self.manager.unit)
+        try:
+            self.manager.stop()
+            aside = snapshot.restore_snapshot(self.config.database, name)
+        except StagewatchError as error:
+            record.outcome, record.reason = "failed", str(error)
+            self.manager.start()
+            raise
+        finally:
+            if record.outcome is not None:
+                record.finished_at = utc_now()
+                self.history.save(record)
+
+        self.manager.start()
+        try:
+            check_health(self.manager, self.config.health, detached("restore"))
+        except HealthError as error:
+            record.outcome, record.reason = "failed", f"restored, but {error}"
+        else:
+            record.outcome = "succeeded"
+
+        record.state, record.finished_at = "finished", utc_now()
+        self.history.save(record)
+        log.info("Restore %s; the previous database is kept at %s", record.outcome, aside)
+        if record.outcome != "succeeded":
+            raise HealthError(record.reason or "restore failed")
+        return aside
+
+    # Small helpers.
+
+    def _heartbeat(self, step: str) -> Heartbeat:
+        if self.heartbeats is None:
+            return detached(step)
+
+        silence = _STEP_SILENCE_SECONDS[step]
+        if silence == 0.0:
+            silence = (
+                self.config.service.restart_timeout_seconds + self.config.health.timeout_seconds
+            )
+        return self.heartbeats.open(f"deploy step {step}", silence)
+
+    def _require_staged_pair(self) -> None:
+        staging = self.config.staging
+        missing = [
+            path.name
+            for path in (staging.artifact_path, staging.checksum_path)
+            if not os.path.lexists(path)
+        ]
+        if missing:
+            raise NothingStagedError(
+                f"nothing to deploy: {' and '.join(missing)} not in {staging.dir}"
+            )
+
+    def _rollback_target(self, to_prefix: str | None) -> swap.KeptRelease:
+        releases_dir = self.config.state.releases_dir
+        if to_prefix:
+            return swap.find_release(releases_dir, to_prefix)
+
+        current = installed_sha256(self.config)
+        for release in swap.kept_releases(releases_dir):
+            if release.sha256 != current:
+                return release
+        raise SwapError(f"no earlier release is kept in {releases_dir} to roll back to")
+
+    def _take_pending_copy(self, entry: Entry, heartbeat: Heartbeat) -> verify.VerifiedCopy:
+        copy, self._pending_copy = self._pending_copy, None
+        if copy is None or copy.sha256 != entry.new_sha256 or not copy.path.exists():
+            raise SwapError("the verified copy is gone; the release will be verified again")
+        return copy
+
+    def _discard_copy(self, entry: Entry) -> None:
+        self._pending_copy = None
+        verify.remove_stale_copies(self.config.service.binary)
+
+    def _clear_staging(self, entry: Entry) -> None:
+        """Remove the pair this attempt used; move a rejected one aside for the operator."""
+        if entry.kind != "deploy" or entry.staged_identity is None:
+            return
+        if staged_identity(self.config) != entry.staged_identity:
+            log.info("Staging holds newer files than this attempt used; leaving them for the next")
+            return
+
+        staging = self.config.staging
+        if entry.outcome == "rejected":
+            destination = self.config.state.rejected_dir / entry.id
+            destination.mkdir(parents=True, exist_ok=True, mode=0o700)
+            for path in (staging.artifact_path, staging.checksum_path):
+                if os.path.lexists(path):
+                    shutil.move(path, destination / path.name)
+            log.warning("Rejected files moved to %s", destination)
+            return
+
+        for path in (staging.artifact_path, staging.checksum_path):
+            if os.path.lexists(path):
+                os.unlink(path)
+        log.info("Staged files removed from %s", staging.dir)
+
+    def _save_record(self, entry: Entry) -> Record:
+        existing = self.history.get(entry.id)
+        record = Record(
+            id=entry.id,
+            kind=entry.kind,
+            state=entry.step,
+            trigger=entry.trigger,
+            started_at=entry.started_at,
+            outcome=entry.outcome if entry.step == FINISHED else None,
+            reason=entry.reason if entry.step == FINISHED else None,
+            sha256=entry.new_sha256 or entry.expected_sha256,
+            version=entry.version,
+            previous_sha256=entry.previous_sha256,
+            forced=entry.force,
+            armed_until=existing.armed_until if existing else None,
+            finished_at=utc_now() if entry.step == FINISHED else None,
+            snapshot=entry.snapshot,
+            steps=list(entry.steps),
+        )
+        self.history.save(record)
+        return record
+
+
+class NothingStagedError(StagewatchError):
+    """`deploy` was asked for while no pair is staged."""
+
+
+def describe(error: Exception) -> str:
+    """One line for an error: ours carry their message, an OSError its call and path."""
+    if isinstance(error, OSError) and not isinstance(error, StagewatchError):
+        where = f" {error.filename}" if error.filename else ""
+        return f"{error.strerror or error}{':' if where else ''}{where}"
+    return str(error)
+
+
+def prepare_state_folder(config: Config) -> None:
+    """Create the state folder and its parts, private to the agent."""
+    for folder in (config.state.dir, config.state.releases_dir, config.state.rejected_dir):
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+def installed_sha256(config: Config) -> str | None:
+    """The sha256 of the binary at the install path, None when there is none."""
+    return rollback.installed_sha256(config.service.binary)
+
+
+def staged_identity(config: Config) -> dict[str, list[int]] | None:
+    """(inode, size, mtime) of both staged files, to tell our pair from a newer push."""
+    identity: dict[str, list[int]] = {}
+    for path in (config.staging.artifact_path, config.staging.checksum_path):
+        try:
+            status = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        identity[path.name] = [status.st_ino, status.st_size, status.st_mtime_ns]
+    return identity
+
+
+__all__ = [
+    "CHECKING",
+    "RESTARTING",
+    "ROLLING_BACK",
+    "SNAPSHOTTING",
+    "SWAPPING",
+    "VERIFYING",
+    "DeployRequest",
+    "Engine",
+    "NothingStagedError",
+    "ServiceError",
+    "SnapshotError",
+    "installed_sha256",
+]

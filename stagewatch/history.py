@@ -1,0 +1,155 @@
+"""The history of every attempt, in a small SQLite file in the state folder.
+
+A record is written when an attempt is armed or starts, and completed when it ends, so the
+build machine can poll `GET /deploys/ID` from the moment its POST was answered. Timestamps are
+RFC 3339 in UTC.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+OUTCOMES = ("succeeded", "rolled_back", "failed", "rejected", "expired", "interrupted")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS attempts (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    outcome TEXT,
+    reason TEXT,
+    sha256 TEXT,
+    version TEXT,
+    previous_sha256 TEXT,
+    forced INTEGER NOT NULL DEFAULT 0,
+    trigger TEXT NOT NULL,
+    armed_until TEXT,
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    snapshot TEXT,
+    steps TEXT NOT NULL DEFAULT '[]'
+);
+CREATE INDEX IF NOT EXISTS attempts_by_start ON attempts (started_at DESC);
+CREATE INDEX IF NOT EXISTS attempts_by_sha256 ON attempts (sha256, outcome);
+"""
+
+
+def utc_now() -> str:
+    """The current time as RFC 3339 UTC with milliseconds: 2026-12-03T18:49:00.123Z."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class Record:
+    """One attempt, as `history --json` and `GET /deploys/ID` show it."""
+
+    id: str
+    kind: str
+    state: str
+    trigger: str
+    started_at: str
+    outcome: str | None = None
+    reason: str | None = None
+    sha256: str | None = None
+    version: str | None = None
+    previous_sha256: str | None = None
+    forced: bool = False
+    armed_until: str | None = None
+    finished_at: str | None = None
+    snapshot: str | None = None
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class History:
+    """The attempts table; safe to use from several threads and processes."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        with self._connect() as connection:
+            connection.executescript(_SCHEMA)
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        # A connection per call: the CLI and the daemon share the file, and a short-lived
+        # connection never holds a lock across a slow deploy step.
+        connection = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+        try:
+            connection.row_factory = sqlite3.Row
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=FULL")
+            yield connection
+        finally:
+            connection.close()
+
+    def save(self, record: Record) -> None:
+        """Insert or replace the record with this id."""
+        row = asdict(record)
+        row["steps"] = json.dumps(record.steps)
+        row["forced"] = int(record.forced)
+        columns = ", ".join(row)
+        placeholders = ", ".join(f":{name}" for name in row)
+        with self._lock, self._connect() as connection:
+            connection.execute(
+                f"INSERT OR REPLACE INTO attempts ({columns}) VALUES ({placeholders})",  # noqa: S608 - column names are ours
+                row,
+            )
+
+    def get(self, attempt_id: str) -> Record | None:
+        with self._connect() as connection:
+            row = connection.execute(
+                "SELECT * FROM attempts WHERE id = ?", (attempt_id,)
+            ).fetchone()
+        return _record_from_row(row) if row is not None else None
+
+    def recent(self, limit: int = 20) -> list[Record]:
+        """The newest attempts first."""
+        with self._connect() as connection:
+            rows = connection.execute(
+                "SELECT * FROM attempts ORDER BY started_at DESC, rowid DESC LIMIT ?", (limit,)
+            ).fetchall()
+        return [_record_from_row(row) for row in rows]
+
+    def last_finished(self) -> Record | None:
+        with self._connect() as connection:
+            row = connection.execute(
+                "SELECT * FROM attempts WHERE outcome IS NOT NULL "
+                "ORDER BY finished_at DESC, rowid DESC LIMIT 1"
+            ).fetchone()
+        return _record_from_row(row) if row is not None else None
+
+    def rolled_back_attempt(self, sha256: str) -> Record | None:
+        """The latest deploy of this release that was rolled back, if any."""
+        with self._connect() as connection:
+            row = connection.execute(
+                "SELECT * FROM attempts WHERE sha256 = ? AND kind = 'deploy' "
+                "AND outcome = 'rolled_back' ORDER BY started_at DESC LIMIT 1",
+                (sha256,),
+            ).fetchone()
+        return _record_from_row(row) if row is not None else None
+
+    def unfinished(self) -> list[Record]:
+        """Attempts without an outcome (armed, or running when the agent stopped)."""
+        with self._connect() as connection:
+            rows = connection.execute(
+                "SELECT * FROM attempts WHERE outcome IS NULL ORDER BY started_at"
+            ).fetchall()
+        return [_record_from_row(row) for row in rows]
+
+
+def _record_from_row(row: sqlite3.Row) -> Record:
+    values = dict(row)
+    values["steps"] = json.loads(values["steps"])
+    values["forced"] = bool(values["forced"])
+    return Record(**values)

@@ -1,0 +1,71 @@
+"""The deploy journal: where an unfinished deploy stands, written before every step.
+
+One small JSON file in the state folder, replaced atomically (write beside, fsync, rename,
+fsync the folder) before each step starts. If the agent dies, the next start reads it and runs
+that step again; every step is written so that running it twice is harmless. The file is
+removed once the outcome is in the history.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stagewatch.errors import RecoveryError
+from stagewatch.fsutil import atomic_write_bytes, fsync_directory, remove_if_present
+
+JOURNAL_FORMAT = 1
+
+
+@dataclass
+class Entry:
+    """The state of one deploy or rollback in flight."""
+
+    id: str
+    kind: str  # "deploy" or "rollback"
+    step: str  # the contract's states: verifying, snapshotting, swapping, ...
+    started_at: str
+    expected_sha256: str | None = None
+    version: str | None = None
+    force: bool = False
+    new_sha256: str | None = None
+    previous_sha256: str | None = None
+    snapshot: str | None = None
+    staged_identity: dict[str, list[int]] | None = None
+    rollback_reason: str | None = None
+    outcome: str | None = None
+    reason: str | None = None
+    trigger: str = "cli"
+    target_sha256: str | None = None
+    steps: list[dict[str, Any]] = field(default_factory=list)
+
+
+def read(path: Path) -> Entry | None:
+    """The entry of the interrupted deploy, or None when nothing is in flight."""
+    try:
+        content = path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+    try:
+        document = json.loads(content)
+        if document.pop("format") != JOURNAL_FORMAT:
+            raise ValueError("unknown journal format")
+        return Entry(**document)
+    except (ValueError, TypeError, KeyError) as error:
+        raise RecoveryError(
+            f"{path}: the deploy journal is unreadable ({error}); inspect it, then remove it "
+            "to let stagewatch run again"
+        ) from None
+
+
+def write(path: Path, entry: Entry) -> None:
+    document = {"format": JOURNAL_FORMAT, **asdict(entry)}
+    atomic_write_bytes(path, json.dumps(document, indent=1).encode())
+
+
+def clear(path: Path) -> None:
+    if remove_if_present(path):
+        fsync_directory(path.parent)
