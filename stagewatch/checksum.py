@@ -46,7 +46,9 @@ _OTHER_ALGORITHMS = {32: "MD5", 40: "SHA-1", 56: "SHA-224", 96: "SHA-384", 128: 
 
 # `TAG (name) = digest`. The name runs to the last ") = ", so names may hold parentheses.
 # A tag is short and starts with a letter, so a sha256sum line never looks like one.
-_BSD_LINE = re.compile(r"(?P<tag>[A-Za-z][A-Za-z0-9-]{0,15}) \((?P<name>.*)\) = (?P<digest>.*)")
+_BSD_LINE = re.compile(
+    r"(?P<tag>[A-Za-z][A-Za-z0-9-]{0,15}) \((?P<name>.*)\) =(?: (?P<digest>.*))?"
+)
 
 # `openssl dgst` writes `SHA256(name)= digest` (`SHA2-256(...)` since OpenSSL 3).
 _OPENSSL_LINE = re.compile(r"[A-Za-z][A-Za-z0-9-]{0,15} ?\(.*\) ?= ?\S*")
@@ -185,7 +187,7 @@ def _parse_bsd_line(match: re.Match[str], escaped: bool, line_number: int, label
             reason = f"gives a {tag} digest; only SHA256 is checked (make it with sha256sum)"
         raise _line_error(label, line_number, reason)
 
-    digest = _digest(match["digest"], line_number, label)
+    digest = _digest(match["digest"] or "", line_number, label)
     name = _name(match["name"], escaped, line_number, label)
 
     return _Entry(line_number, name, digest)
