@@ -118,6 +118,7 @@ class Engine:
                 version=request.version,
                 force=request.force,
                 trigger=request.trigger,
+                staged_identity=staged_identity(self.config),
             )
             return self._drive(entry)
 
@@ -253,7 +254,6 @@ class Engine:
             entry.new_sha256 = release.sha256
             return SNAPSHOTTING, f"kept release {release.sha256[:12]} found"
 
-        entry.staged_identity = staged_identity(self.config)
         copy = verify.stage_verified_copy(
             self.config.staging, install_path, entry.expected_sha256, heartbeat
         )
