@@ -292,70 +292,72 @@ def test_readers_always_see_a_complete_binary(
     assert_only_the_binary_beside(install_path)
 
 
-INSTALL_SCRIPT = textwrap.dedent(
+SWAP_SCRIPT = textwrap.dedent(
     """
     import sys
     from pathlib import Path
 
     from stagewatch.config import StagingConfig
     from stagewatch.heartbeat import detached
-    from stagewatch.swap import install
+    from stagewatch.swap import install, install_release
     from stagewatch.verify import stage_verified_copy
 
-    staging = StagingConfig(dir=Path(sys.argv[1]), max_size_mb=8)
-    install_path, releases_dir = Path(sys.argv[2]), Path(sys.argv[3])
-    copy = stage_verified_copy(staging, install_path, None, detached())
-    install(copy, install_path, releases_dir, 3, detached())
+    action, staging_dir, install_path, releases_dir, release = sys.argv[1:]
+    install_path, releases_dir = Path(install_path), Path(releases_dir)
+    if action == "install":
+        staging = StagingConfig(dir=Path(staging_dir), max_size_mb=8)
+        copy = stage_verified_copy(staging, install_path, None, detached())
+        install(copy, install_path, releases_dir, 3, detached())
+    else:
+        install_release(releases_dir / release, install_path, detached(), release)
     """
 )
 
 
-def test_swap_is_one_rename_of_an_fsynced_copy_then_an_fsync_of_the_folder(
-    staging: StagingConfig, install_path: Path, releases_dir: Path, tmp_path: Path
-) -> None:
+def traced_swap(
+    action: str, staging: StagingConfig, install_path: Path, releases_dir: Path, release: str
+) -> list[str]:
+    """Run `action` in a process under strace; return its file system calls, in order."""
     strace = shutil.which("strace")
     if strace is None:
         pytest.skip("strace is not installed (apt-get install strace)")
-    deploy(staging, install_path, releases_dir, release_bytes(1))
-    staging.artifact_path.write_bytes(release_bytes(2))
-    staging.checksum_path.write_text(f"{sha256(release_bytes(2))}  dealspace\n")
-    trace = tmp_path / "trace"
-    package_root = Path(swap.__file__).resolve().parents[1]
 
+    trace = install_path.parent.parent / "trace"
+    package_root = Path(swap.__file__).resolve().parents[1]
     subprocess.run(
         [
             strace,
             *("-f", "-qq", "-y", "-o", str(trace)),
             *("-e", "trace=openat,rename,renameat,renameat2,fsync,fdatasync"),
-            *(sys.executable, "-c", INSTALL_SCRIPT),
-            *(str(staging.dir), str(install_path), str(releases_dir)),
+            *(sys.executable, "-c", SWAP_SCRIPT, action),
+            *(str(staging.dir), str(install_path), str(releases_dir), release),
         ],
         check=True,
         timeout=120,
         env={**os.environ, "PYTHONPATH": str(package_root)},
     )
 
-    # With -y, strace shows the path behind each descriptor: fsync(5</path/to/bin>).
-    calls = [line.split(" ", 1)[1] for line in trace.read_text().splitlines()]
-    folder = str(install_path.parent)
-    onto_install_path = [
+    # Each line is "PID call(...) = result"; -y shows the path behind each descriptor.
+    return [line.split(" ", 1)[1] for line in trace.read_text().splitlines()]
+
+
+def assert_swapped_by_one_rename_then_folder_fsync(calls: list[str], install_path: Path) -> None:
+    renames = [
         index
         for index, call in enumerate(calls)
         if call.startswith("rename") and f', "{install_path}"' in call
     ]
-    assert len(onto_install_path) == 1
-    rename = calls[onto_install_path[0]]
+    assert len(renames) == 1
+    rename = calls[renames[0]]
     assert rename.endswith("= 0")
+
     temporary = re.search(r'"([^"]*/\.dealspace\.incoming-[0-9a-f]+)"', rename)
     assert temporary is not None
-    assert any(
-        call.startswith("fsync(") and f"<{temporary[1]}>" in call
-        for call in calls[: onto_install_path[0]]
-    )
-    assert any(
-        call.startswith("fsync(") and f"<{folder}>)" in call
-        for call in calls[onto_install_path[0] + 1 :]
-    )
+    fsyncs_before = [call for call in calls[: renames[0]] if call.startswith("fsync(")]
+    assert any(f"<{temporary[1]}>" in call for call in fsyncs_before)
+    fsyncs_after = [call for call in calls[renames[0] + 1 :] if call.startswith("fsync(")]
+    assert any(f"<{install_path.parent}>)" in call for call in fsyncs_after)
+
     opened_for_writing = [
         call
         for call in calls
@@ -364,7 +366,33 @@ def test_swap_is_one_rename_of_an_fsynced_copy_then_an_fsync_of_the_folder(
         and re.search(r"O_WRONLY|O_RDWR|O_TRUNC", call)
     ]
     assert opened_for_writing == []
+
+
+def test_install_is_one_rename_of_an_fsynced_copy_then_an_fsync_of_the_folder(
+    staging: StagingConfig, install_path: Path, releases_dir: Path
+) -> None:
+    deploy(staging, install_path, releases_dir, release_bytes(1))
+    staging.artifact_path.write_bytes(release_bytes(2))
+    staging.checksum_path.write_text(f"{sha256(release_bytes(2))}  dealspace\n")
+
+    calls = traced_swap("install", staging, install_path, releases_dir, "")
+
+    assert_swapped_by_one_rename_then_folder_fsync(calls, install_path)
     assert install_path.read_bytes() == release_bytes(2)
+
+
+def test_install_release_is_one_rename_of_an_fsynced_copy_then_an_fsync_of_the_folder(
+    staging: StagingConfig, install_path: Path, releases_dir: Path
+) -> None:
+    deploy(staging, install_path, releases_dir, release_bytes(1))
+    deploy(staging, install_path, releases_dir, release_bytes(2))
+
+    calls = traced_swap(
+        "install_release", staging, install_path, releases_dir, sha256(release_bytes(1))
+    )
+
+    assert_swapped_by_one_rename_then_folder_fsync(calls, install_path)
+    assert install_path.read_bytes() == release_bytes(1)
 
 
 def test_install_release_puts_a_kept_release_back(
