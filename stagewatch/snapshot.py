@@ -230,9 +230,9 @@ def restore_snapshot(database: DatabaseConfig, name: str) -> Path:
     logger.debug("Restoring %s from %s", live, snapshot.path)
 
     original = _stat_live_database(live)
-    _refuse_if_in_use(live)
     staged = temporary_name(live, "restore")
     try:
+        _refuse_if_in_use(live)
         _stage_copy(snapshot.path, staged, original)
         _check_staged_copy(staged, snapshot)
         aside = _install(staged, live)
@@ -310,8 +310,12 @@ def _ensure_snapshot_dir(snapshot_dir: Path) -> Path:
 def _require_free_space(source: Path, snapshot_dir: Path) -> None:
     # The copy needs at least the size of the main file; refusing early keeps a full disk,
     # which the service may share, from being filled to the last block.
-    needed = source.stat().st_size
-    filesystem = os.statvfs(snapshot_dir)
+    try:
+        needed = source.stat().st_size
+        filesystem = os.statvfs(snapshot_dir)
+    except OSError as error:
+        raise SnapshotError(f"cannot snapshot {source} into {snapshot_dir}: {error}") from error
+
     free = filesystem.f_bavail * filesystem.f_frsize
     if needed > free:
         raise SnapshotError(
@@ -354,11 +358,11 @@ def _copy_live_database(source: Path, partial: Path, heartbeat: Heartbeat) -> No
     """
     for _attempt in range(QUIET_COPY_ATTEMPTS):
         if not _is_closed_wal_database(source):
-            _backup(_open_live(source, immutable=False), partial, heartbeat)
+            _backup(source, _open_live(source, immutable=False), partial, heartbeat)
             return
 
         before = _file_identity(source)
-        _backup(_open_live(source, immutable=True), partial, heartbeat)
+        _backup(source, _open_live(source, immutable=True), partial, heartbeat)
         if _is_closed_wal_database(source) and _file_identity(source) == before:
             return
         logger.info("Database %s was opened while copied; copying it again", source.name)
@@ -405,8 +409,10 @@ def _open_live(source: Path, *, immutable: bool) -> sqlite3.Connection:
     return connection
 
 
-def _backup(connection: sqlite3.Connection, partial: Path, heartbeat: Heartbeat) -> None:
-    """Copy everything `connection` sees, as of one read transaction, into `partial`.
+def _backup(
+    source: Path, connection: sqlite3.Connection, partial: Path, heartbeat: Heartbeat
+) -> None:
+    """Copy everything `connection` (to `source`) sees in its read transaction into `partial`.
 
     A stepwise backup restarts whenever another connection commits, so under a busy writer
     it never ends (sqlite3_backup_step in https://www.sqlite.org/c3ref/backup_finish.html).
@@ -429,11 +435,13 @@ def _backup(connection: sqlite3.Connection, partial: Path, heartbeat: Heartbeat)
         previous_remaining = remaining
         heartbeat.beat()
 
-    with contextlib.closing(connection) as source, _connect_partial(partial) as target:
-        source.backup(target, pages=BACKUP_STEP_PAGES, progress=beat_on_progress)
+    with contextlib.closing(connection), _connect_partial(partial) as target:
+        connection.backup(target, pages=BACKUP_STEP_PAGES, progress=beat_on_progress)
 
     heartbeat.beat()
-    logger.info("Copied %s in %.2f s", partial.name, time.monotonic() - started)
+    logger.info(
+        "Copied %s into %s in %.2f s", source.name, partial.name, time.monotonic() - started
+    )
 
 
 @contextlib.contextmanager
@@ -589,6 +597,8 @@ def _stat_live_database(live: Path) -> os.stat_result:
             f"database {live} does not exist, so its owner and mode are unknown; check "
             f"database.path, or copy the snapshot into place by hand and chown it"
         ) from None
+    except OSError as error:
+        raise SnapshotError(f"cannot read the status of database {live}: {error}") from error
 
     if not stat.S_ISREG(status.st_mode):
         raise SnapshotError(f"database {live} is not a regular file; check database.path")
