@@ -12,8 +12,8 @@ oldest beyond `keep_releases`.
 Which release is installed is remembered in `releases_dir/installed.json`: its sha256 and
 the installed file's identity (device, inode, size, mtime and ctime, all from stat(2)). While
 that identity holds, nothing has written to the file or replaced it (any write or chmod moves
-the ctime, which no program can set back), so keeping it needs no second hashing pass; when
-it does not hold, the file is hashed.
+the ctime, which utime(2) cannot set back; only moving the system clock back could), so
+keeping it needs no second hashing pass; when it does not hold, the file is hashed.
 """
 
 from __future__ import annotations
@@ -40,7 +40,13 @@ from stagewatch.fsutil import (
     temporary_name,
 )
 from stagewatch.heartbeat import Heartbeat
-from stagewatch.verify import STAGED_OPEN_FLAGS, VerifiedCopy, copy_beside, sha256_of_descriptor
+from stagewatch.verify import (
+    NO_FOLLOW_OPEN_FLAGS,
+    TEMPORARY_PURPOSE,
+    VerifiedCopy,
+    copy_beside,
+    sha256_of_descriptor,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +59,7 @@ _HEX = re.compile(r"[0-9a-f]+")
 
 # What an interrupted keep or record leaves in releases_dir: names from fsutil.temporary_name.
 _STALE_TEMPORARY = re.compile(
-    r"\.(?:[0-9a-f]{64}\.(?:incoming|link)|installed\.json\.tmp)-[0-9a-f]+"
+    rf"\.(?:[0-9a-f]{{64}}\.(?:{TEMPORARY_PURPOSE}|link)|installed\.json\.tmp)-[0-9a-f]+"
 )
 
 # link(2) cannot join the two names: different filesystems, or one without hard links.
@@ -140,11 +146,13 @@ def install_release(
     `expected_sha256`, makes it mode 0755, renames it over `install_path` and fsyncs the
     folder. `releases_dir` (default: the release's folder) is where the installed release is
     remembered. The current binary is not kept: call `keep_current` first for that. Raise
-    SwapError when the release cannot be read or is damaged; `install_path` is then
-    untouched and nothing is left beside it.
+    SwapError when `expected_sha256` is not a digest or the release cannot be read or is
+    damaged; `install_path` is then untouched and nothing is left beside it.
     """
     started = time.monotonic()
     wanted = expected_sha256.strip().lower()
+    if not _SHA256_NAME.fullmatch(wanted):
+        raise SwapError(f"{expected_sha256[:80]!r} is not a sha256 (64 hex digits)")
 
     try:
         with _open_regular(release_path, "the kept release") as (descriptor, status):
@@ -296,7 +304,7 @@ def _open_regular(path: Path, what: str) -> Iterator[tuple[int, os.stat_result]]
     other failure is a SwapError calling the file `what`.
     """
     try:
-        descriptor = os.open(path, STAGED_OPEN_FLAGS)
+        descriptor = os.open(path, NO_FOLLOW_OPEN_FLAGS)
     except FileNotFoundError:
         raise
     except OSError as error:

@@ -39,9 +39,10 @@ logger = logging.getLogger(__name__)
 TEMPORARY_PURPOSE = "incoming"
 PRIVATE_MODE = 0o700
 
-# A staged file is opened once, read only, never through a symbolic link and without waiting
-# for a writer should it be a FIFO (open(2): O_NOFOLLOW, O_NONBLOCK).
-STAGED_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+# Every file stagewatch reads to copy or hash is opened once, read only, never through a
+# symbolic link and without waiting for a writer should it be a FIFO (open(2): O_NOFOLLOW,
+# O_NONBLOCK; for a regular file O_NONBLOCK changes nothing).
+NO_FOLLOW_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 COPY_CHUNK_BYTES = 8 * 1024 * 1024
 HASH_BUFFER_BYTES = 1024 * 1024
@@ -282,7 +283,7 @@ def sha256_of_path(path: Path, heartbeat: Heartbeat | None = None) -> str:
     Raise OSError when `path` cannot be opened (ELOOP for a symbolic link, FileNotFoundError
     when missing), and SwapError when it is not a regular file.
     """
-    descriptor = os.open(path, STAGED_OPEN_FLAGS)
+    descriptor = os.open(path, NO_FOLLOW_OPEN_FLAGS)
     try:
         if not stat.S_ISREG(os.fstat(descriptor).st_mode):
             raise SwapError(f"{path}: is not a regular file, so it has no sha256 to compare")
@@ -291,7 +292,7 @@ def sha256_of_path(path: Path, heartbeat: Heartbeat | None = None) -> str:
         os.close(descriptor)
 
 
-def is_temporary_of(name: str, target_name: str) -> bool:
+def _is_temporary_of(name: str, target_name: str) -> bool:
     """Whether `name` is one of our temporaries for a file named `target_name`."""
     prefix = f".{target_name}.{TEMPORARY_PURPOSE}-"
     token = name.removeprefix(prefix)
@@ -312,7 +313,7 @@ def remove_stale_copies(install_path: Path) -> list[Path]:
 
     removed: list[Path] = []
     for entry in entries:
-        if is_temporary_of(entry.name, install_path.name) and not entry.is_dir(
+        if _is_temporary_of(entry.name, install_path.name) and not entry.is_dir(
             follow_symlinks=False
         ):
             _remove_quietly(Path(entry.path))
@@ -334,7 +335,7 @@ def _open_staged(
     # the webhook serves, and those never disclose a path of the host.
     label = f"{staging.dir.name or staging.dir}/{name}"
     try:
-        descriptor = os.open(path, STAGED_OPEN_FLAGS)
+        descriptor = os.open(path, NO_FOLLOW_OPEN_FLAGS)
     except FileNotFoundError:
         raise RejectedError(f"{label}: is missing") from None
     except OSError as error:

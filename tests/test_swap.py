@@ -266,8 +266,9 @@ def test_symbolic_link_at_the_install_path_is_refused(
 def test_readers_always_see_a_complete_binary(
     staging: StagingConfig, install_path: Path, releases_dir: Path
 ) -> None:
-    versions = {sha256(release_bytes(version, MiB)): version for version in range(1, 13)}
-    deploy(staging, install_path, releases_dir, release_bytes(1, MiB))
+    size = 256 * 1024
+    versions = {sha256(release_bytes(version, size)): version for version in range(1, 11)}
+    deploy(staging, install_path, releases_dir, release_bytes(1, size))
     seen: list[tuple[str, int]] = []
     stop = threading.Event()
 
@@ -280,8 +281,8 @@ def test_readers_always_see_a_complete_binary(
     reader = threading.Thread(target=read_continuously)
     reader.start()
     try:
-        for version in range(2, 13):
-            deploy(staging, install_path, releases_dir, release_bytes(version, MiB))
+        for version in range(2, 11):
+            deploy(staging, install_path, releases_dir, release_bytes(version, size))
     finally:
         stop.set()
         reader.join()
@@ -433,6 +434,17 @@ def test_install_release_of_a_missing_release_fails(install_path: Path, releases
 
     with pytest.raises(SwapError, match="the kept release is missing"):
         install_release(releases_dir / ("a" * 64), install_path, CountingHeartbeat(), "a" * 64)
+    assert_only_the_binary_beside(install_path)
+
+
+def test_install_release_refuses_an_expected_sha256_that_is_not_a_digest(
+    install_path: Path, releases_dir: Path
+) -> None:
+    install_path.write_bytes(b"current")
+    release = make_release(releases_dir, "a" * 64, 1_000)
+
+    with pytest.raises(SwapError, match="'é' is not a sha256"):
+        install_release(release, install_path, CountingHeartbeat(), "é")
     assert_only_the_binary_beside(install_path)
 
 
