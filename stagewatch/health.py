@@ -151,7 +151,7 @@ def _become_healthy(
         return retrying(poll)
     except RetryError as error:
         finding = error.last_attempt.exception()
-        after = _seconds(time.monotonic() - started)
+        after = _seconds(timeout_seconds)
         if not isinstance(finding, _NotHealthyYet):
             raise HealthError(f"{unit} is not healthy after {after}") from finding
         if finding.inactive:

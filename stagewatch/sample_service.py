@@ -43,17 +43,20 @@ import json
 import os
 import select
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from stagewatch.fsutil import atomic_write_bytes, remove_if_present
+
+if TYPE_CHECKING:
+    import sqlite3
+    from http.server import ThreadingHTTPServer
 
 WRITE_INTERVAL_SECONDS = 0.05
 STOP_TIMEOUT_SECONDS = 10.0
@@ -208,9 +211,13 @@ def serve(port: int, database: Path, version: str, behaviour: Behaviour) -> int:
     signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
     signal.signal(signal.SIGINT, lambda signum, frame: stopping.set())
 
+    # SQLite and the HTTP server are imported only by `serve`: `control is-active` runs five
+    # times a second during a health probation, and they would double its start-up time.
+    import sqlite3
+
     try:
         connection = _open_database(database)
-        server = _HealthServer(("127.0.0.1", port), _health_handler(version, behaviour))
+        server = _health_server(port, version, behaviour)
     except (OSError, sqlite3.Error) as error:
         print(f"dealspace stand-in {version}: cannot start: {error}", file=sys.stderr, flush=True)
         return 1
@@ -240,14 +247,16 @@ def serve(port: int, database: Path, version: str, behaviour: Behaviour) -> int:
     return 0
 
 
-class _HealthServer(ThreadingHTTPServer):
-    # The default backlog of 5 drops connections under a burst of requests.
-    request_queue_size = 128
-    daemon_threads = True
+def _health_server(port: int, version: str, behaviour: Behaviour) -> ThreadingHTTPServer:
+    """A server on 127.0.0.1:`port` answering GET /healthz; bound, not yet serving."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-
-def _health_handler(version: str, behaviour: Behaviour) -> type[BaseHTTPRequestHandler]:
     healthy = behaviour.name != "unhealthy"
+
+    class HealthServer(ThreadingHTTPServer):
+        # The default backlog of 5 drops connections under a burst of requests.
+        request_queue_size = 128
+        daemon_threads = True
 
     class HealthHandler(BaseHTTPRequestHandler):
         server_version = "dealspace-stand-in"
@@ -269,12 +278,14 @@ def _health_handler(version: str, behaviour: Behaviour) -> type[BaseHTTPRequestH
         def log_message(self, format: str, *args: object) -> None:
             """Quiet: the health probation asks five times a second."""
 
-    return HealthHandler
+    return HealthServer(("127.0.0.1", port), HealthHandler)
 
 
 def _open_database(database: Path) -> sqlite3.Connection:
     # Autocommit (isolation_level=None): every insert is its own transaction, like a service
     # answering one request at a time. The writer thread owns the connection from here on.
+    import sqlite3
+
     connection = sqlite3.connect(
         database, timeout=5.0, isolation_level=None, check_same_thread=False
     )
@@ -287,6 +298,8 @@ def _open_database(database: Path) -> sqlite3.Connection:
 
 
 def _write_rows(connection: sqlite3.Connection, version: str, stopping: threading.Event) -> None:
+    import sqlite3
+
     try:
         while not stopping.wait(WRITE_INTERVAL_SECONDS):
             try:
@@ -307,11 +320,15 @@ def control(
     if action == "is-active":
         return _report_activity(pidfile)
 
-    with _locked(pidfile):
-        if action in ("stop", "restart"):
-            _stop(pidfile, stop_timeout_seconds)
-        if action in ("start", "restart"):
-            return _start(binary, pidfile, log)
+    try:
+        with _locked(pidfile):
+            if action in ("stop", "restart"):
+                _stop(pidfile, stop_timeout_seconds)
+            if action in ("start", "restart"):
+                return _start(binary, pidfile, log)
+    except OSError as error:
+        print(f"control {action}: {error}", file=sys.stderr)
+        return 1
 
     return 0
 
@@ -350,7 +367,7 @@ def _start(binary: Path, pidfile: Path, log: Path) -> int:
                 start_new_session=True,
             )
     except OSError as error:
-        print(f"cannot start {binary}: {error.strerror}", file=sys.stderr)
+        print(f"cannot start {binary}: {error}", file=sys.stderr)
         return 1
 
     # Unreaped, the child keeps its /proc entry even if it exited at once, so its start time

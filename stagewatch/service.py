@@ -159,7 +159,9 @@ class SystemdManager:
     """The unit `service.unit`, driven through systemctl(1) on the system manager.
 
     systemctl runs with `--no-ask-password`: stagewatch has no terminal, so a missing polkit
-    grant must fail at once rather than wait for a password prompt nobody sees.
+    grant must fail at once rather than wait for a password prompt nobody sees. Killing
+    systemctl at its timeout does not cancel the job it queued; the unit's own TimeoutStartSec=
+    and TimeoutStopSec= bound that (systemd.service(5)).
     """
 
     def __init__(
@@ -188,7 +190,7 @@ class SystemdManager:
             logger.debug("%s: %s", self.unit, completed.stdout.strip().replace("\n", ", "))
             return _state_from_show(self.unit, completed.stdout)
 
-        return _with_retries(query, self._deadline_seconds, f"querying {self.unit}")
+        return _with_retries(query, self._deadline_seconds, f"Querying {self.unit}")
 
     def _act(self, action: str) -> None:
         argv = self._argv(action, self.unit)
@@ -197,10 +199,12 @@ class SystemdManager:
             _with_retries(
                 lambda timeout_seconds: self._systemctl(argv, timeout_seconds),
                 self._deadline_seconds,
-                f"{action} of {self.unit}",
+                f"{action.capitalize()} of {self.unit}",
             )
         except ServiceError:
-            logger.info("%s of %s failed after %.2f s", action, self.unit, _since(started))
+            logger.info(
+                "%s of %s failed after %.2f s", action.capitalize(), self.unit, _since(started)
+            )
             raise
 
         logger.info("%s %s in %.2f s", PAST_TENSE[action], self.unit, _since(started))
@@ -271,7 +275,7 @@ class CommandManager:
             )
             return _state_from_is_active(completed)
 
-        return _with_retries(query, self._deadline_seconds, f"querying {self.unit}")
+        return _with_retries(query, self._deadline_seconds, f"Querying {self.unit}")
 
     def _act(self, action: str) -> None:
         argv = self._command(action)
@@ -280,14 +284,18 @@ class CommandManager:
             completed = _with_retries(
                 lambda timeout_seconds: self._run(action, argv, timeout_seconds),
                 self._deadline_seconds,
-                f"{action} of {self.unit}",
+                f"{action.capitalize()} of {self.unit}",
             )
         except ServiceError:
-            logger.info("%s of %s failed after %.2f s", action, self.unit, _since(started))
+            logger.info(
+                "%s of %s failed after %.2f s", action.capitalize(), self.unit, _since(started)
+            )
             raise
 
         if completed.status != 0:
-            logger.info("%s of %s failed after %.2f s", action, self.unit, _since(started))
+            logger.info(
+                "%s of %s failed after %.2f s", action.capitalize(), self.unit, _since(started)
+            )
             raise ServiceError(
                 f"service.{action}: {completed.command} "
                 f"{_describe_status(completed.status)}: {completed.tail}"
@@ -416,7 +424,7 @@ def _run(
     except subprocess.TimeoutExpired:
         _kill_group(process)
         raise _TransientError(
-            f"{command} did not finish within {timeout_seconds:g} s and was killed"
+            f"{command} did not finish within {round(timeout_seconds, 1):g} s and was killed"
         ) from None
     finally:
         for stream in (process.stdout, process.stderr):
@@ -555,7 +563,7 @@ def _state_from_is_active(completed: _Completed) -> ServiceState:
             active=False,
             main_pid=None,
             restarts=None,
-            detail=f"not running (service.is_active {_describe_status(completed.status)})",
+            detail=f"service.is_active {_describe_status(completed.status)}",
         )
 
     words = completed.stdout.split(maxsplit=1)

