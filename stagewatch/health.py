@@ -27,7 +27,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, cast
 
 from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
@@ -110,6 +110,13 @@ class _NotHealthyYet(Exception):
         self.reason = reason
         self.inactive = inactive
 
+    def final_error(self, unit: str, timeout_seconds: float) -> HealthError:
+        """The error to raise when this is still the finding at the timeout."""
+        after = _seconds(timeout_seconds)
+        if self.inactive:
+            return HealthError(f"{unit} is not active after {after} ({self.reason})")
+        return HealthError(f"{unit} is not healthy after {after}: {self.reason}")
+
 
 def _become_healthy(
     probe: _Probe, timeout_seconds: float, previous: ServiceState | None
@@ -119,8 +126,8 @@ def _become_healthy(
 
     def poll() -> ServiceState:
         state = probe.state()
-        after = _seconds(time.monotonic() - started)
         if state.failed:
+            after = _seconds(time.monotonic() - started)
             raise HealthError(f"{unit} is not active after {after} ({state.detail})")
         if not state.active:
             raise _NotHealthyYet(state.detail, inactive=True)
@@ -150,13 +157,9 @@ def _become_healthy(
     try:
         return retrying(poll)
     except RetryError as error:
-        finding = error.last_attempt.exception()
-        after = _seconds(timeout_seconds)
-        if not isinstance(finding, _NotHealthyYet):
-            raise HealthError(f"{unit} is not healthy after {after}") from finding
-        if finding.inactive:
-            raise HealthError(f"{unit} is not active after {after} ({finding.reason})") from None
-        raise HealthError(f"{unit} is not healthy after {after}: {finding.reason}") from None
+        # Only _NotHealthyYet is retried, so that is what the last poll raised.
+        finding = cast(_NotHealthyYet, error.last_attempt.exception())
+        raise finding.final_error(unit, timeout_seconds) from None
 
 
 def _stay_healthy(
