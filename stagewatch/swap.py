@@ -9,7 +9,8 @@ the binary being replaced where both are on one filesystem (free and instant), e
 whose digest is checked. A release's mtime is when it was last kept; pruning removes the
 oldest beyond `keep_releases`.
 
-Which release is installed is remembered in `releases_dir/installed.json`: its sha256 and
+Which release is installed is remembered in `installed.json` beside `releases_dir` (in the
+state folder, so that `releases_dir` holds nothing but releases): its sha256 and
 the installed file's identity (device, inode, size, mtime and ctime, all from stat(2)). While
 that identity holds, nothing has written to the file or replaced it (any write or chmod moves
 the ctime, which utime(2) cannot set back; only moving the system clock back could), so
@@ -57,10 +58,10 @@ INSTALLED_RECORD_NAME = "installed.json"
 _SHA256_NAME = re.compile(r"[0-9a-f]{64}")
 _HEX = re.compile(r"[0-9a-f]+")
 
-# What an interrupted keep or record leaves in releases_dir: names from fsutil.temporary_name.
-_STALE_TEMPORARY = re.compile(
-    rf"\.(?:[0-9a-f]{{64}}\.(?:{TEMPORARY_PURPOSE}|link)|installed\.json\.tmp)-[0-9a-f]+"
-)
+# What an interrupted keep leaves in releases_dir, and an interrupted record beside it: names
+# from fsutil.temporary_name.
+_STALE_KEEP_TEMPORARY = re.compile(rf"\.[0-9a-f]{{64}}\.(?:{TEMPORARY_PURPOSE}|link)-[0-9a-f]+")
+_STALE_RECORD_TEMPORARY = re.compile(r"\.installed\.json\.tmp-[0-9a-f]+")
 
 # link(2) cannot join the two names: different filesystems, or one without hard links.
 _NO_HARD_LINK_ERRORS = frozenset({errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP})
@@ -144,8 +145,8 @@ def install_release(
 
     Copies `release_path` beside `install_path`, fsyncs the copy, checks that its sha256 is
     `expected_sha256`, makes it mode 0755, renames it over `install_path` and fsyncs the
-    folder. `releases_dir` (default: the release's folder) is where the installed release is
-    remembered. The current binary is not kept: call `keep_current` first for that. Raise
+    folder. `releases_dir` (default: the release's folder) tells where the installed release
+    is remembered. The current binary is not kept: call `keep_current` first for that. Raise
     SwapError when `expected_sha256` is not a digest or the release cannot be read or is
     damaged; `install_path` is then untouched and nothing is left beside it.
     """
@@ -211,8 +212,9 @@ def installed_sha256(
 ) -> str | None:
     """The sha256 of the binary at `install_path`, None if there is none.
 
-    Taken from `releases_dir/installed.json` while the file there is the one it describes,
-    else computed. Raise SwapError when `install_path` is not a readable regular file.
+    Taken from `installed.json` beside `releases_dir` while the file at `install_path` is the
+    one it describes, else computed. Raise SwapError when `install_path` is not a readable
+    regular file.
     """
     try:
         with _open_regular(install_path, "the installed binary") as (descriptor, status):
@@ -272,8 +274,9 @@ def prune_releases(
 ) -> list[Path]:
     """Remove the releases beyond the `keep_releases` most recently kept, never `protect`.
 
-    Also removes temporaries an interrupted keep left in `releases_dir`. Return what was
-    removed; raise OSError when something cannot be removed.
+    Also removes temporaries an interrupted keep left in `releases_dir` (or an interrupted
+    record beside it). Return what was removed; raise OSError when something cannot be
+    removed.
     """
     removed: list[Path] = []
     for release in kept_releases(releases_dir)[keep_releases:]:
@@ -290,8 +293,8 @@ def prune_releases(
         removed.append(temporary)
         logger.info("Removed %s, left by an interrupted keep", temporary)
 
-    if removed:
-        fsync_directory(releases_dir)
+    for folder in sorted({path.parent for path in removed}):
+        fsync_directory(folder)
 
     return removed
 
@@ -357,8 +360,8 @@ def _finish_install(install_path: Path, releases_dir: Path, sha256: str) -> None
         fsync_directory(install_path.parent)
         status = os.stat(install_path, follow_symlinks=False)
         record = {"sha256": sha256, "identity": _identity(status)}
-        releases_dir.mkdir(mode=RELEASES_DIR_MODE, parents=True, exist_ok=True)
-        atomic_write_bytes(releases_dir / INSTALLED_RECORD_NAME, json.dumps(record).encode())
+        releases_dir.parent.mkdir(mode=RELEASES_DIR_MODE, parents=True, exist_ok=True)
+        atomic_write_bytes(_record_path(releases_dir), json.dumps(record).encode())
     except OSError as error:
         raise SwapError(
             f"{install_path} now holds {sha256}, but making that durable failed: {error.strerror}"
@@ -375,9 +378,13 @@ def _identity(status: os.stat_result) -> list[int]:
     ]
 
 
+def _record_path(releases_dir: Path) -> Path:
+    return releases_dir.parent / INSTALLED_RECORD_NAME
+
+
 def _recorded_sha256(releases_dir: Path, status: os.stat_result) -> str | None:
     try:
-        record = json.loads((releases_dir / INSTALLED_RECORD_NAME).read_bytes())
+        record = json.loads(_record_path(releases_dir).read_bytes())
         sha256 = record["sha256"]
         identity = record["identity"]
     except (OSError, ValueError, TypeError, KeyError):
@@ -466,9 +473,15 @@ def _keep_copy(
 
 
 def _stale_temporaries(releases_dir: Path) -> list[Path]:
-    try:
-        names = os.listdir(releases_dir)
-    except FileNotFoundError:
-        return []
+    found: list[Path] = []
+    for folder, pattern in (
+        (releases_dir, _STALE_KEEP_TEMPORARY),
+        (releases_dir.parent, _STALE_RECORD_TEMPORARY),
+    ):
+        try:
+            names = os.listdir(folder)
+        except FileNotFoundError:
+            continue
+        found.extend(folder / name for name in names if pattern.fullmatch(name))
 
-    return sorted(releases_dir / name for name in names if _STALE_TEMPORARY.fullmatch(name))
+    return sorted(found)

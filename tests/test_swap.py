@@ -180,6 +180,7 @@ def test_pruning_keeps_the_most_recent_releases(
     kept = kept_releases(releases_dir)
 
     assert [release.sha256 for release in kept] == [sha256(versions[4]), sha256(versions[3])]
+    assert sorted(os.listdir(releases_dir)) == sorted(release.sha256 for release in kept)
     assert kept[0].kept_at > kept[1].kept_at
     assert install_path.read_bytes() == versions[5]
 
@@ -507,22 +508,24 @@ def test_unreadable_record_means_hashing(
     staging: StagingConfig, install_path: Path, releases_dir: Path
 ) -> None:
     deploy(staging, install_path, releases_dir, release_bytes(1))
-    (releases_dir / swap.INSTALLED_RECORD_NAME).write_text("{not json")
+    (releases_dir.parent / swap.INSTALLED_RECORD_NAME).write_text("{not json")
     heartbeat = CountingHeartbeat()
 
     assert installed_sha256(install_path, releases_dir, heartbeat) == sha256(release_bytes(1))
     assert heartbeat.beats > 0
 
 
-def test_record_names_what_is_installed(
+def test_record_names_what_is_installed_and_stays_out_of_the_releases(
     staging: StagingConfig, install_path: Path, releases_dir: Path
 ) -> None:
     deploy(staging, install_path, releases_dir, release_bytes(1))
+    deploy(staging, install_path, releases_dir, release_bytes(2))
 
-    record = json.loads((releases_dir / swap.INSTALLED_RECORD_NAME).read_text())
+    record = json.loads((releases_dir.parent / swap.INSTALLED_RECORD_NAME).read_text())
 
-    assert record["sha256"] == sha256(release_bytes(1))
-    assert installed_sha256(install_path, releases_dir) == sha256(release_bytes(1))
+    assert record["sha256"] == sha256(release_bytes(2))
+    assert os.listdir(releases_dir) == [sha256(release_bytes(1))]
+    assert installed_sha256(install_path, releases_dir) == sha256(release_bytes(2))
     assert installed_sha256(install_path.with_name("absent"), releases_dir) is None
 
 
@@ -670,13 +673,16 @@ def test_prune_removes_stale_temporaries_and_protects_the_named_release(
     stale = [
         releases_dir / f".{'d' * 64}.incoming-0123abcd",
         releases_dir / f".{'d' * 64}.link-89abcdef",
-        releases_dir / ".installed.json.tmp-00ff00ff",
+        releases_dir.parent / ".installed.json.tmp-00ff00ff",
     ]
     for path in stale:
         path.write_bytes(b"partial")
-    (releases_dir / ".unrelated").write_text("left alone")
+    left_alone = [releases_dir / ".unrelated", releases_dir.parent / ".journal.json.tmp-00ff00ff"]
+    for path in left_alone:
+        path.write_text("not ours to remove")
 
     removed = prune_releases(releases_dir, 1, protect="a" * 64)
 
     assert sorted(removed) == sorted([middle, *stale])
-    assert sorted(releases_dir.iterdir()) == sorted([oldest, newest, releases_dir / ".unrelated"])
+    assert sorted(releases_dir.iterdir()) == sorted([oldest, newest, left_alone[0]])
+    assert left_alone[1].exists()
