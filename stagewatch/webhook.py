@@ -28,6 +28,7 @@ import enum
 import json
 import logging
 import re
+import resource
 import socket
 import ssl
 import threading
@@ -58,7 +59,13 @@ MAX_HEAD_BYTES = 16 * 1024
 MAX_REQUEST_BYTES = 64 * 1024
 REQUEST_TIMEOUT_SECONDS = 10.0
 MAX_CONNECTIONS = 1024
+# Descriptors left to the rest of the agent (SQLite, inotify, logs, child processes) when the
+# open file limit is what bounds the connections.
+DESCRIPTORS_KEPT_FREE = 128
 LISTEN_BACKLOG = 1024
+# New connections taken per turn of the event loop. Few enough that the descriptors of the
+# connections they evict are closed before many more are taken (DESCRIPTORS_KEPT_FREE).
+ACCEPTS_PER_TURN = 16
 MAX_PIPELINED_REQUESTS = 16
 TARGET_THREADS = 2
 # How long the event loop may take to answer a ping before the watchdog calls it stalled.
@@ -226,7 +233,9 @@ class WebhookServer:
 
         loop = asyncio.new_event_loop()
         self._executor = ThreadPoolExecutor(TARGET_THREADS, "stagewatch-webhook-target")
-        connections = _ConnectionTable(loop, self._max_connections, self._request_timeout_seconds)
+        connections = _ConnectionTable(
+            loop, _connection_cap(self._max_connections), self._request_timeout_seconds
+        )
         self._handler = _Handler(
             self._settings, self._target, loop, self._executor, self._limiter, connections
         )
@@ -330,10 +339,13 @@ class WebhookServer:
         self._server = await asyncio.get_running_loop().create_server(
             lambda: _Connection(handler),
             sock=listener,
-            backlog=LISTEN_BACKLOG,
+            backlog=ACCEPTS_PER_TURN,
             ssl=ssl_context,
             ssl_handshake_timeout=self._request_timeout_seconds if ssl_context else None,
         )
+        # asyncio uses its `backlog` twice: as the number of connections accepted per turn,
+        # and for listen(2), which it has just called. Give the kernel its longer queue back.
+        listener.listen(LISTEN_BACKLOG)
 
     def _rebind(self, config: WebhookConfig) -> None:
         ssl_context = _tls_context(config)
@@ -341,21 +353,21 @@ class WebhookServer:
 
         if config.listen != self._config.listen:
             listener = _bind(config.listen, config.host, config.port)
-            try:
-                self._on_loop(self._serve(listener, ssl_context))
-            except BaseException:
-                listener.close()
-                raise
         else:
             # Same address, other TLS files: the port must be let go before it is bound again.
-            self._on_loop(_close_server(old_server))
             host, port = self.address
+            self._on_loop(_close_server(old_server))
             try:
                 listener = _bind(config.listen, host, port)
             except ConfigError:
                 self._on_loop(self._serve(_bind(self._config.listen, host, port), old_context))
                 raise
+
+        try:
             self._on_loop(self._serve(listener, ssl_context))
+        except BaseException:
+            listener.close()
+            raise
 
         self._on_loop(_close_server(old_server))
         self._ssl_context = ssl_context
@@ -408,6 +420,27 @@ def _bind(listen: str, host: str, port: int) -> socket.socket:
         ) from None
 
     return listener
+
+
+def _connection_cap(requested: int) -> int:
+    """`requested`, or fewer if the open file limit would run out first.
+
+    A listener out of descriptors cannot accept(), so it would never reach its cap and evict
+    an idle connection for a new one: a crowd of idle sockets would lock every client out.
+    """
+    soft_limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft_limit == resource.RLIM_INFINITY or soft_limit - DESCRIPTORS_KEPT_FREE >= requested:
+        return requested
+
+    cap = max(1, soft_limit - DESCRIPTORS_KEPT_FREE)
+    logger.warning(
+        "The webhook takes at most %d connections, not %d: the open file limit is %d "
+        "(raise LimitNOFILE= in the unit for more)",
+        cap,
+        requested,
+        soft_limit,
+    )
+    return cap
 
 
 def _bound_address(listener: socket.socket) -> tuple[str, int]:
@@ -569,7 +602,7 @@ class _Handler:
         self._loop = loop
         self._executor = executor
         self._limiter = limiter
-        self._responses = _Responses()
+        self.responses = _Responses()
 
     def answer(self, request: _Request, address: str) -> bytes | _Job:
         """The encoded answer, or the call of the target that will give it."""
@@ -578,14 +611,14 @@ class _Handler:
         resource = settings.resources.get(path)
         if resource is None:
             if not path.startswith(_DEPLOYS_PREFIX):
-                return self._responses.canned(request, 404, _NOT_FOUND)
+                return self.responses.canned(request, 404, _NOT_FOUND)
             resource = _RECORD_RESOURCE
 
         route = resource.methods.get(request.method)
         if route is None:
-            return self._responses.canned(request, 405, _METHOD_NOT_ALLOWED, resource.allow)
+            return self.responses.canned(request, 405, _METHOD_NOT_ALLOWED, resource.allow)
         if route is _Route.HEALTH:
-            return self._responses.canned(request, 200, _HEALTHY)
+            return self.responses.canned(request, 200, _HEALTHY)
 
         body = bytes(request.body) if request.body is not None else b""
         failure = settings.authenticator.check(request, body)
@@ -593,8 +626,8 @@ class _Handler:
             retry_after = self._limiter.record_failure(address, failure)
             if retry_after:
                 extra = b"Retry-After: %d\r\n" % retry_after
-                return self._responses.canned(request, 429, _THROTTLED, extra)
-            return self._responses.canned(request, 401, _UNAUTHORIZED)
+                return self.responses.canned(request, 429, _THROTTLED, extra)
+            return self.responses.canned(request, 401, _UNAUTHORIZED)
 
         return self._authenticated(request, route, path, body)
 
@@ -607,23 +640,17 @@ class _Handler:
         if route is _Route.RECORD:
             deploy_id = path[len(_DEPLOYS_PREFIX) :]
             if not _DEPLOY_ID.fullmatch(deploy_id):
-                return self._responses.canned(request, 404, _UNKNOWN_DEPLOY)
+                return self.responses.canned(request, 404, _UNKNOWN_DEPLOY)
             return partial(_record_job, self._target, deploy_id.decode("ascii"))
 
         try:
             arm = parse_arm_body(body)
         except ValueError as error:
-            return self._responses.render(request, 400, _encode({"error": str(error)}))
+            return self.responses.render(request, 400, _encode({"error": str(error)}))
         return partial(_arm_job, self._target, arm)
 
     def call_target(self, job: _Job) -> asyncio.Future[tuple[int, bytes]]:
         return self._loop.run_in_executor(self._executor, _guarded, job)
-
-    def render(self, request: _Request, status: int, body: bytes) -> bytes:
-        return self._responses.render(request, status, body)
-
-    def closing(self, status: int, body: bytes) -> bytes:
-        return self._responses.closing(status, body)
 
 
 def _guarded(job: _Job) -> tuple[int, bytes]:
@@ -690,9 +717,9 @@ class _Responses:
         return response
 
     def render(self, request: _Request, status: int, body: bytes) -> bytes:
-        """An answer to `request` whose body is not fixed."""
+        """An answer to `request` whose body is not fixed (only GET and POST get one)."""
         self._renew_date()
-        return self._encode(status, b"" if request.method == b"HEAD" else body, request.connection)
+        return self._encode(status, body, request.connection)
 
     def closing(self, status: int, body: bytes) -> bytes:
         """A fixed answer after which the connection is closed."""
@@ -843,7 +870,7 @@ class _Connection(asyncio.Protocol):
             self._refuse_for(error.__context__)
             return
         except httptools.HttpParserError:
-            self._refuse(self._handler.closing(400, _MALFORMED))
+            self._refuse(self._handler.responses.closing(400, _MALFORMED))
             return
         except httptools.HttpParserUpgrade:
             # What follows an Upgrade or CONNECT request is not HTTP: answer it, then close.
@@ -953,17 +980,17 @@ class _Connection(asyncio.Protocol):
 
         request.raw_bytes += size
         if not request.method and request.raw_bytes > MAX_HEAD_BYTES:
-            self._refuse(self._handler.closing(431, _HEAD_TOO_LARGE))
+            self._refuse(self._handler.responses.closing(431, _HEAD_TOO_LARGE))
         elif request.raw_bytes > MAX_REQUEST_BYTES:
-            self._refuse(self._handler.closing(413, _BODY_TOO_LARGE))
+            self._refuse(self._handler.responses.closing(413, _BODY_TOO_LARGE))
 
     def _refuse_for(self, cause: BaseException | None) -> None:
         if isinstance(cause, _Refusal):
-            self._refuse(self._handler.closing(cause.status, cause.body))
+            self._refuse(self._handler.responses.closing(cause.status, cause.body))
             return
 
         logger.error("The webhook failed on a request", exc_info=cause)
-        self._refuse(self._handler.closing(500, _INTERNAL))
+        self._refuse(self._handler.responses.closing(500, _INTERNAL))
 
     def _serve(self, request: _Request) -> None:
         if self._write_paused:
@@ -986,7 +1013,7 @@ class _Connection(asyncio.Protocol):
 
         self._busy = False
         status, body = outcome.result()
-        self._send(request, self._handler.render(request, status, body))
+        self._send(request, self._handler.responses.render(request, status, body))
 
         while self._queue and not self._busy and not self._closed:
             self._serve(self._queue.pop(0))

@@ -15,6 +15,7 @@ import select
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import tracemalloc
@@ -702,6 +703,26 @@ def test_500_idle_connections_are_cheap_and_a_valid_request_is_served_at_once(
     assert per_connection < 4096, f"{per_connection:.0f} bytes per idle connection"
 
 
+def test_the_listen_queue_holds_600_connections_while_the_loop_is_busy(
+    setup: Setup, many_descriptors: None
+) -> None:
+    loop = setup.server._loop
+    assert loop is not None
+    loop.call_soon_threadsafe(time.sleep, 2)  # nothing is accepted meanwhile
+    time.sleep(0.1)
+
+    started = time.monotonic()
+    # Beyond the kernel's queue, a connect would wait a second or more for a SYN retry.
+    queued = [socket.create_connection(setup.server.address, timeout=1) for _ in range(600)]
+    seconds = time.monotonic() - started
+    try:
+        assert seconds < 1.5
+        assert setup.call("GET", "/healthz").status == 200
+    finally:
+        for sock in queued:
+            sock.close()
+
+
 def test_at_the_cap_the_longest_waiting_connection_is_evicted_for_a_new_one(
     serve: Callable[..., Setup],
 ) -> None:
@@ -720,6 +741,48 @@ def test_at_the_cap_the_longest_waiting_connection_is_evicted_for_a_new_one(
     finally:
         for sock in [*idle, kept_alive]:
             sock.close()
+
+
+SERVER_WITH_FEW_DESCRIPTORS = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (300, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+from stagewatch.config import WebhookConfig
+from stagewatch.webhook import WebhookServer
+
+class Target:
+    def arm(self, sha256, version, force):
+        return {"id": "d1", "state": "armed", "armed_until": "later"}
+
+server = WebhookServer(WebhookConfig(listen="127.0.0.1:0"), b"the secret", Target())
+server.start()
+print(server.address[1], flush=True)
+sys.stdin.read()
+server.stop()
+"""
+
+
+def test_an_open_file_limit_below_the_cap_lowers_the_cap_so_that_eviction_still_works(
+    many_descriptors: None,
+) -> None:
+    server = subprocess.Popen(
+        [sys.executable, "-c", SERVER_WITH_FEW_DESCRIPTORS],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    idle: list[socket.socket] = []
+    try:
+        address = ("127.0.0.1", int(server.stdout.readline()))  # type: ignore[union-attr]
+        idle = [socket.create_connection(address) for _ in range(400)]
+
+        connection = http.client.HTTPConnection(*address, timeout=3)
+        connection.request("POST", "/deploy", headers={"X-Webhook-Secret": "the secret"})
+        assert connection.getresponse().status == 202
+        connection.close()
+    finally:
+        for sock in idle:
+            sock.close()
+        _, errors = server.communicate(timeout=10)
+
+    assert "takes at most 172 connections, not 1024: the open file limit is 300" in errors
 
 
 # TLS, reload, start and stop
