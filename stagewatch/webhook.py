@@ -17,8 +17,10 @@ Each limit closes one way for a client to hold the agent:
   arrives) and 16 KiB of request line and headers (431); the connection is then closed;
 - 10 s for a request to arrive from its first byte, and 10 s for a connection to begin one
   (after accept, or after the previous answer on a keep-alive connection);
-- at most 1024 connections: one more evicts the connection that has waited longest without a
-  complete request, so that a crowd of idle sockets cannot lock the build machine out.
+- at most 1024 connections (fewer if the open file limit is lower): one more evicts the
+  connection that has waited longest without a complete request, so that a crowd of idle
+  sockets cannot lock the build machine out;
+- at most 16 pipelined requests waiting behind one that the target answers.
 """
 
 from __future__ import annotations

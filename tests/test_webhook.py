@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import re
 import resource
 import secrets
@@ -610,11 +611,16 @@ def test_malformed_http_gets_400_and_the_connection_closed(setup: Setup) -> None
 # Failures and throttling
 
 
-def test_429_after_20_failures_while_valid_credentials_are_still_served(setup: Setup) -> None:
+def test_429_after_20_failures_while_valid_credentials_are_still_served(
+    setup: Setup, caplog: pytest.LogCaptureFixture
+) -> None:
     wrong = {"X-Webhook-Secret": "guess"}
 
-    failures = [setup.call("POST", "/deploy", b"", wrong).status for _ in range(20)]
-    throttled = setup.call("POST", "/deploy", b"", wrong)
+    with caplog.at_level(logging.WARNING, logger="stagewatch.authentication"):
+        failures = [setup.call("POST", "/deploy", b"", wrong).status for _ in range(20)]
+        throttled = setup.call("POST", "/deploy", b"", wrong)
+        for _ in range(30):
+            setup.call("POST", "/deploy", b"", wrong)
 
     assert failures == [401] * 20
     assert (throttled.status, throttled.json) == (429, {"error": "too many failed attempts"})
@@ -629,6 +635,10 @@ def test_429_after_20_failures_while_valid_credentials_are_still_served(setup: S
     assert setup.call("GET", "/status", headers=wrong).status == 429
     assert setup.authenticated_get("/status").status == 200
     assert len(setup.target.arms) == 2
+
+    first_failure, throttling = (record.getMessage() for record in caplog.records)
+    assert "127.0.0.1: wrong secret" in first_failure
+    assert "Throttling" in throttling and "127.0.0.1" in throttling
 
 
 # Deadlines, idle connections, the connection cap
@@ -788,9 +798,8 @@ def test_an_open_file_limit_below_the_cap_lowers_the_cap_so_that_eviction_still_
 # TLS, reload, start and stop
 
 
-@pytest.fixture
-def certificate(tmp_path: Path) -> tuple[Path, Path]:
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+def make_certificate(cert: Path, key: Path) -> None:
+    """A new self-signed certificate for 127.0.0.1, with a new key."""
     subprocess.run(
         [
             "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
@@ -799,6 +808,12 @@ def certificate(tmp_path: Path) -> tuple[Path, Path]:
         ],
         check=True, capture_output=True,
     )  # fmt: skip
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    make_certificate(cert, key)
     return cert, key
 
 
@@ -915,6 +930,21 @@ def test_reload_turns_tls_on_at_the_same_address(
 
     assert setup.server.address == address
     assert curl_https(setup, cert, setup.secret).stdout == "202"
+
+
+def test_reload_reads_a_renewed_certificate_at_the_same_paths(
+    serve: Callable[..., Setup], certificate: tuple[Path, Path], tmp_path: Path
+) -> None:
+    cert, key = certificate
+    setup = serve(tls_cert=cert, tls_key=key)
+    old_cert = tmp_path / "old-cert.pem"
+    old_cert.write_bytes(cert.read_bytes())
+    make_certificate(cert, key)
+
+    setup.server.reload(setup.config, setup.secret)
+
+    assert curl_https(setup, cert, setup.secret).stdout == "202"
+    assert curl_https(setup, old_cert, setup.secret).returncode != 0
 
 
 def test_the_heartbeat_probe_says_whether_the_event_loop_turns(
