@@ -150,9 +150,7 @@ def test_a_timestamp_more_than_300_s_away_is_stale(
 
 
 @pytest.mark.parametrize("offset", [-300, 300])
-def test_a_timestamp_300_s_away_is_still_accepted(
-    secret: bytes, clock: Clock, offset: int
-) -> None:
+def test_a_timestamp_300_s_away_is_still_accepted(secret: bytes, clock: Clock, offset: int) -> None:
     check = authenticator(secret, clock).check
 
     assert check(signed(Webhook(secret), at=NOW + offset), BODY) is None
@@ -232,9 +230,7 @@ def test_a_mode_of_any_takes_a_good_signature_beside_a_wrong_header(
     assert authenticator(secret, clock).check(headers, BODY) is None
 
 
-def test_incomplete_signature_headers_are_missing_credentials(
-    secret: bytes, clock: Clock
-) -> None:
+def test_incomplete_signature_headers_are_missing_credentials(secret: bytes, clock: Clock) -> None:
     headers = signed(Webhook(secret))
     headers.webhook_id = None
 
