@@ -1,0 +1,394 @@
+"""The packaged agent under a real systemd: install, deploy, roll back, survive a freeze.
+
+One systemd and one install serve every test here, in file order: each test starts from
+what the previous one left (the release that is live, the history), as on a real host.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import urllib.request
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from standardwebhooks.webhooks import Webhook
+from systemd_sandbox import (
+    BINARY,
+    CHECKOUT,
+    CONFIG,
+    DATABASE,
+    DEPLOY_KEYS,
+    SECRET,
+    SNAPSHOT_DIR,
+    STAGEWATCH,
+    STAGING,
+    STATE_DIR,
+    Production,
+    e2e_configuration,
+    wait_for,
+)
+
+pytestmark = pytest.mark.e2e
+
+EXPOSURE_LIMIT = 1.2
+"""`systemd-analyze security stagewatch.service` reached by packaging/systemd (lower is safer)."""
+
+DEPLOY_SECONDS = 40.0
+STEPS = ["verifying", "snapshotting", "swapping", "restarting", "checking"]
+INFO, WARNING = 6, 4  # syslog priorities, as journald records them in PRIORITY
+
+
+def test_installer_makes_the_users_folders_and_a_private_secret(production: Production) -> None:
+    sandbox = production.sandbox
+
+    for user in ("stagewatch", "deploy"):
+        entry = sandbox.run("getent", "passwd", user).stdout.strip()
+        assert entry.endswith(":/usr/sbin/nologin"), entry
+    assert set(sandbox.run("id", "-nG", "stagewatch").stdout.split()) == {
+        "stagewatch",
+        "dealspace",
+    }
+    assert sandbox.run("id", "-nG", "deploy").stdout.split() == ["deploy"]
+
+    assert _stat(production, SECRET) == "600 root root"
+    secret = production.secret
+    assert secret.startswith("whsec_")
+    assert len(base64.b64decode(secret.removeprefix("whsec_"))) == 32
+
+    assert _stat(production, STAGING) == "2770 deploy stagewatch"
+    assert _stat(production, "/opt/dealspace/bin") == "775 root stagewatch"
+    assert _stat(production, STATE_DIR) == "750 stagewatch stagewatch"
+    assert _stat(production, "/opt/stagewatch/chroot") == "755 root root"
+
+
+def test_agent_runs_as_stagewatch_with_the_secret_as_a_credential(production: Production) -> None:
+    sandbox = production.sandbox
+    shown = sandbox.show(
+        "stagewatch.service", "ActiveState", "Type", "NotifyAccess", "WatchdogUSec", "User"
+    )
+    assert shown == {
+        "ActiveState": "active",
+        "Type": "notify",
+        "NotifyAccess": "main",
+        "WatchdogUSec": "30s",
+        "User": "stagewatch",
+    }
+
+    agent = sandbox.main_pid("stagewatch.service")
+    status = sandbox.path(f"/proc/{agent}/status").read_text()
+    uid = sandbox.run("id", "-u", "stagewatch").stdout.strip()
+    assert re.search(rf"^Uid:\s+{uid}\s+{uid}\s+{uid}\s+{uid}$", status, re.MULTILINE), status
+    assert re.search(r"^CapEff:\s+0+$", status, re.MULTILINE), status
+    environment = sandbox.path(f"/proc/{agent}/environ").read_bytes().split(b"\0")
+    assert b"CREDENTIALS_DIRECTORY=/run/credentials/stagewatch.service" in environment
+
+
+def test_installer_run_again_keeps_configuration_secret_and_keys(production: Production) -> None:
+    sandbox = production.sandbox
+    kept = {path: _digest(production, path) for path in (CONFIG, SECRET, DEPLOY_KEYS)}
+    agent_before = sandbox.main_pid("stagewatch.service")
+
+    again = sandbox.run("sh", f"{CHECKOUT}/packaging/install.sh", timeout=300)
+
+    assert "kept the configuration" in again.stdout
+    assert "generated the webhook secret" not in again.stdout
+    assert {path: _digest(production, path) for path in kept} == kept
+    assert sandbox.show("stagewatch.service", "ActiveState") == {"ActiveState": "active"}
+    assert sandbox.main_pid("stagewatch.service") != agent_before, "upgrade must restart it"
+
+
+def test_unit_verifies_and_keeps_its_security_exposure(production: Production) -> None:
+    sandbox = production.sandbox
+
+    verified = sandbox.run(
+        "systemd-analyze", "verify", "/etc/systemd/system/stagewatch.service", check=False
+    )
+    assert verified.returncode == 0, sandbox.describe_failure(verified)
+    assert "stagewatch" not in verified.stderr, verified.stderr
+
+    report = sandbox.run("systemd-analyze", "security", "--no-pager", "stagewatch.service").stdout
+    found = re.search(r"Overall exposure level for stagewatch\.service: (\d+\.\d+)", report)
+    assert found, report
+    assert float(found.group(1)) <= EXPOSURE_LIMIT, report
+
+    hardening = sandbox.show(
+        "stagewatch.service",
+        "ProtectSystem",
+        "ProtectHome",
+        "NoNewPrivileges",
+        "MemoryDenyWriteExecute",
+        "CapabilityBoundingSet",
+        "UMask",
+        "RestrictAddressFamilies",
+    )
+    assert hardening == {
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "NoNewPrivileges": "yes",
+        "MemoryDenyWriteExecute": "yes",
+        "CapabilityBoundingSet": "",
+        "UMask": "0077",
+        "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
+    }
+
+
+def test_release_pushed_with_scp_and_armed_goes_live(production: Production) -> None:
+    sandbox = production.sandbox
+    before = sandbox.main_pid("dealspace.service")
+    artifact = production.release("2.0.0")
+
+    production.push(artifact)
+    armed = production.arm({"sha256": production.sha256("2.0.0"), "version": "2.0.0"})
+    record = wait_for(lambda: production.finished(armed["id"]), DEPLOY_SECONDS, "the deploy")
+
+    assert record["outcome"] == "succeeded", record
+    assert [step["name"] for step in record["steps"]] == STEPS
+    assert all(step["ok"] for step in record["steps"]), record["steps"]
+
+    after = sandbox.main_pid("dealspace.service")
+    assert after not in (0, before)
+    command_line = sandbox.path(f"/proc/{after}/cmdline").read_bytes().split(b"\0")
+    assert BINARY.encode() in command_line, command_line
+    assert production.installed_sha256() == production.sha256("2.0.0")
+    assert production.serving_version() == "2.0.0"
+    assert sorted(sandbox.path(STAGING).iterdir()) == [], "staged files must be removed"
+
+    snapshot = f"{SNAPSHOT_DIR}/{record['snapshot']}"
+    assert sandbox.run("sqlite3", snapshot, "PRAGMA integrity_check;").stdout.strip() == "ok"
+    assert int(sandbox.run("sqlite3", snapshot, "SELECT count(*) FROM deals;").stdout) > 0
+
+    newest = production.history()[0]
+    assert (newest["id"], newest["outcome"], newest["version"]) == (
+        armed["id"],
+        "succeeded",
+        "2.0.0",
+    )
+
+    story = _story(production, armed["id"])
+    for step in STEPS:
+        assert any(step in message for _, message in story), f"no {step} in {story}"
+    assert all(priority == INFO for priority, _ in story), story
+    assert "succeeded" in story[-1][1], story
+
+
+def test_crash_looping_release_is_rolled_back(production: Production) -> None:
+    live = production.installed_sha256()
+    artifact = production.release("3.0.0", "crash-after=1")
+
+    # The webhook first this time: the arm waits for the files.
+    armed = production.arm({"version": "3.0.0"})
+    production.push(artifact)
+    record = wait_for(lambda: production.finished(armed["id"]), DEPLOY_SECONDS, "the rollback")
+
+    assert record["outcome"] == "rolled_back", record
+    assert production.installed_sha256() == live
+    wait_for(lambda: production.serving_version() == "2.0.0", 15, "2.0.0 to serve again")
+    state = production.sandbox.show("dealspace.service", "ActiveState")
+    assert state == {"ActiveState": "active"}
+
+    story = _story(production, armed["id"])
+    assert any(priority <= WARNING for priority, _ in story), story
+
+
+def test_release_that_never_becomes_healthy_is_rolled_back(production: Production) -> None:
+    live = production.installed_sha256()
+    artifact = production.release("4.0.0", "unhealthy")
+
+    production.push(artifact)
+    armed = _arm_with_signature(production, {"version": "4.0.0"})
+    record = wait_for(lambda: production.finished(armed["id"]), DEPLOY_SECONDS, "the rollback")
+
+    assert record["outcome"] == "rolled_back", record
+    assert production.installed_sha256() == live
+    wait_for(lambda: production.serving_version() == "2.0.0", 15, "2.0.0 to serve again")
+
+
+def test_release_rolled_back_once_is_refused_and_moved_out_of_staging(
+    production: Production,
+) -> None:
+    history_before = production.history()
+    earlier = next(record for record in history_before if record["version"] == "4.0.0")
+
+    production.push(production.release("4.0.0", "unhealthy"))
+    armed = production.arm()
+    record = wait_for(lambda: production.finished(armed["id"]), DEPLOY_SECONDS, "the refusal")
+
+    assert record["outcome"] == "rejected", record
+    assert earlier["id"] in record["reason"], record
+    assert sorted(production.sandbox.path(STAGING).iterdir()) == []
+    rejected = production.sandbox.path(f"{STATE_DIR}/rejected/{armed['id']}")
+    assert sorted(path.name for path in rejected.iterdir()) == ["dealspace", "dealspace.sha256"]
+    assert production.serving_version() == "2.0.0"
+
+
+def test_frozen_agent_is_killed_by_the_watchdog_and_the_deploy_finished(
+    production: Production,
+) -> None:
+    sandbox = production.sandbox
+    drop_in = "/etc/systemd/system/stagewatch.service.d/e2e-watchdog.conf"
+    # A short watchdog for the test's sake, and a long stable window to freeze the agent in.
+    sandbox.write(drop_in, "[Service]\nWatchdogSec=3s\n")
+    sandbox.run("systemctl", "daemon-reload")
+    sandbox.run("systemctl", "restart", "stagewatch.service")
+    _reconfigure(production, stable_seconds=8)
+    try:
+        agent = sandbox.main_pid("stagewatch.service")
+        restarts = int(sandbox.show("stagewatch.service", "NRestarts")["NRestarts"])
+        production.push(production.release("5.0.0"))
+        armed = production.arm({"version": "5.0.0"})
+        wait_for(lambda: _state(production) == "checking", 20, "the agent to be checking")
+
+        sandbox.run("kill", "-STOP", str(agent))
+
+        wait_for(
+            lambda: _restarted(production, agent, restarts), 30, "systemd to restart the agent"
+        )
+        record = wait_for(lambda: production.finished(armed["id"]), 60, "the recovered deploy")
+    finally:
+        sandbox.run("rm", "-f", drop_in)
+        sandbox.run("systemctl", "daemon-reload")
+        _reconfigure(production, stable_seconds=2)
+
+    assert record["outcome"] == "succeeded", record
+    assert production.installed_sha256() == production.sha256("5.0.0")
+    assert production.serving_version() == "5.0.0"
+    manager = [
+        entry["MESSAGE"]
+        for entry in sandbox.journal("stagewatch.service")
+        if entry.get("_PID") == "1" or entry.get("SYSLOG_IDENTIFIER") == "systemd"
+    ]
+    assert any("Watchdog timeout" in message for message in manager), manager
+
+
+def test_snapshot_restored_by_root_leaves_the_agent_able_to_deploy(
+    production: Production,
+) -> None:
+    sandbox = production.sandbox
+    newest = json.loads(sandbox.run(STAGEWATCH, "snapshots", "list", "--json").stdout)[0]
+
+    # The operator's way: as root, since it stops and starts the unit and gives the restored
+    # file back to the database's owner.
+    sandbox.run(STAGEWATCH, "snapshots", "restore", newest["name"], "--yes", timeout=120)
+
+    assert _stat(production, DATABASE) == "640 dealspace dealspace"
+    wait_for(lambda: production.serving_version() == "5.0.0", 15, "dealspace to serve again")
+    restore = production.history()[0]
+    assert (restore["kind"], restore["outcome"]) == ("restore", "succeeded"), restore
+    foreign = sandbox.run("find", STATE_DIR, "!", "-user", "stagewatch").stdout
+    assert foreign == "", f"files the agent may not be able to use: {foreign}"
+
+    production.push(production.release("6.0.0"))
+    armed = production.arm({"version": "6.0.0"})
+    record = wait_for(lambda: production.finished(armed["id"]), DEPLOY_SECONDS, "the deploy")
+    assert record["outcome"] == "succeeded", record
+
+
+def test_uninstall_keeps_state_snapshots_configuration_and_secret(
+    production: Production,
+) -> None:
+    sandbox = production.sandbox
+    kept = {path: _digest(production, path) for path in (CONFIG, SECRET, DEPLOY_KEYS)}
+    snapshots = sorted(path.name for path in sandbox.path(SNAPSHOT_DIR).iterdir())
+    assert snapshots
+
+    sandbox.run("sh", f"{CHECKOUT}/packaging/install.sh", "--uninstall", timeout=120)
+
+    assert sandbox.show("stagewatch.service", "LoadState") == {"LoadState": "not-found"}
+    for removed in (
+        "/opt/stagewatch/venv",
+        "/etc/polkit-1/rules.d/50-stagewatch.rules",
+        "/etc/ssh/sshd_config.d/stagewatch-deploy.conf",
+        "/etc/tmpfiles.d/stagewatch.conf",
+    ):
+        assert not sandbox.path(removed).exists(), removed
+    assert {path: _digest(production, path) for path in kept} == kept
+    assert sorted(path.name for path in sandbox.path(SNAPSHOT_DIR).iterdir()) == snapshots
+    assert sandbox.path(f"{STATE_DIR}/history.db").stat().st_size > 0
+    assert production.serving_version() == "6.0.0", "dealspace itself is left alone"
+
+
+def _stat(production: Production, path: str) -> str:
+    return production.sandbox.run("stat", "-c", "%a %U %G", path).stdout.strip()
+
+
+def _digest(production: Production, path: str) -> str:
+    return hashlib.sha256(production.sandbox.path(path).read_bytes()).hexdigest()
+
+
+def _story(production: Production, deploy_id: str) -> list[tuple[int, str]]:
+    """(priority, message) of the agent's journal lines that name `deploy_id`, oldest first."""
+    return [
+        (int(entry["PRIORITY"]), entry["MESSAGE"])
+        for entry in production.sandbox.journal("stagewatch.service")
+        if entry.get("SYSLOG_IDENTIFIER") == "stagewatch"
+        and isinstance(entry.get("MESSAGE"), str)
+        and deploy_id in entry["MESSAGE"]
+    ]
+
+
+def _arm_with_signature(production: Production, body: dict[str, Any]) -> dict[str, Any]:
+    """POST /deploy signed the Standard Webhooks way, as a build machine's library does it."""
+    payload = json.dumps(body).encode()
+    message_id = f"msg_{uuid.uuid4().hex}"
+    now = datetime.now(tz=UTC)
+    signature = Webhook(production.secret).sign(message_id, now, payload)
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{production.webhook_port}/deploy",
+        data=payload,
+        headers={
+            "Content-Type": "application/json",
+            "webhook-id": message_id,
+            "webhook-timestamp": str(int(now.timestamp())),
+            "webhook-signature": signature,
+        },
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 202
+        answer: dict[str, Any] = json.loads(response.read())
+    return answer
+
+
+def _state(production: Production) -> str | None:
+    status, document = production.get("/status")
+    return str(document["state"]) if status == 200 else None
+
+
+def _restarted(production: Production, agent: int, restarts: int) -> bool:
+    shown = production.sandbox.show("stagewatch.service", "MainPID", "NRestarts", "ActiveState")
+    return (
+        shown["ActiveState"] == "active"
+        and int(shown["NRestarts"]) > restarts
+        and int(shown["MainPID"]) not in (0, agent)
+    )
+
+
+def _reconfigure(production: Production, stable_seconds: float) -> None:
+    """Rewrite the configuration and apply it with `systemctl reload` (SIGHUP)."""
+    sandbox = production.sandbox
+    configuration = e2e_configuration(
+        production.webhook_port, production.service_port, stable_seconds
+    )
+    sandbox.write(CONFIG, configuration, mode=0o644)
+    cursor = _journal_cursor(production)
+    sandbox.run("systemctl", "reload", "stagewatch.service")
+    wait_for(
+        lambda: any(
+            "reload" in str(entry.get("MESSAGE", "")).lower()
+            for entry in sandbox.journal("stagewatch.service", since_cursor=cursor)
+            if entry.get("SYSLOG_IDENTIFIER") == "stagewatch"
+        ),
+        10,
+        "the agent to log the reload",
+    )
+
+
+def _journal_cursor(production: Production) -> str:
+    entries = production.sandbox.journal("stagewatch.service")
+    cursor: str = entries[-1]["__CURSOR"]
+    return cursor
