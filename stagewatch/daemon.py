@@ -192,13 +192,18 @@ class Coordinator:
             return
 
         pair = self.watcher.waiting()
-        if pair is None or pair == self._last_deployed:
+        if pair is None:
             return
 
         if self._arm is None and self.config.staging.require_arm:
             if pair != self._waiting_logged:
                 log.info("A complete release is staged; waiting for the webhook to arm a deploy")
                 self._waiting_logged = pair
+            return
+
+        # Without an arm, a pair left staged (a deploy refused by a host fault leaves it there)
+        # must not start a deploy again and again; an arm is the operator's word to retry it.
+        if self._arm is None and pair == self._last_deployed:
             return
 
         arm = self._arm

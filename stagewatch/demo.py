@@ -137,7 +137,7 @@ secret_file = "webhook-secret"
 
 [health]
 url = "{self.health_url}"
-timeout_seconds = 8
+timeout_seconds = 4
 stable_seconds = 2
 
 [state]

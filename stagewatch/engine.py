@@ -194,7 +194,8 @@ class Engine:
             next_step, detail = self._step_handler(step)(entry, heartbeat)
             ok = True
         except (StagewatchError, OSError) as error:
-            next_step, detail = self._after_failure(entry, describe(error))
+            release_at_fault = isinstance(error, RejectedError)
+            next_step, detail = self._after_failure(entry, describe(error), release_at_fault)
             ok = False
         finally:
             heartbeat.close()
@@ -220,7 +221,7 @@ class Engine:
         }
         return handlers[step]
 
-    def _after_failure(self, entry: Entry, reason: str) -> tuple[str, str]:
+    def _after_failure(self, entry: Entry, reason: str, release_at_fault: bool) -> tuple[str, str]:
         """Decide where a failed step leads: nothing changed yet means rejected, else undo."""
         if entry.step == ROLLING_BACK:
             entry.outcome, entry.reason = (
@@ -231,6 +232,10 @@ class Engine:
 
         if entry.step in (VERIFYING, SNAPSHOTTING) or not self._new_binary_may_be_installed(entry):
             entry.outcome, entry.reason = "rejected", reason
+            if not release_at_fault:
+                # The host failed (disk full, a database that cannot be copied), not the
+                # release: its files stay staged for a retry once the operator fixed it.
+                entry.staged_identity = None
             self._discard_copy(entry)
             return FINISHED, reason
 
@@ -544,7 +549,7 @@ def prepare_state_folder(config: Config) -> None:
 
 def installed_sha256(config: Config) -> str | None:
     """The sha256 of the binary at the install path, None when there is none."""
-    return rollback.installed_sha256(config.service.binary)
+    return swap.installed_sha256(config.service.binary, config.state.releases_dir)
 
 
 def staged_identity(config: Config) -> dict[str, list[int]] | None:

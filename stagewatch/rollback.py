@@ -10,7 +10,6 @@ restored before it starts again, for releases that migrate the schema irreversib
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from stagewatch import snapshot, swap, verify
 from stagewatch.config import Config
@@ -39,7 +38,7 @@ def put_back(
         raise SwapError(f"there was no binary at {install_path} before this deploy to go back to")
 
     verify.remove_stale_copies(install_path)
-    if installed_sha256(install_path) != previous_sha256:
+    if swap.installed_sha256(install_path, config.state.releases_dir) != previous_sha256:
         release = swap.find_release(config.state.releases_dir, previous_sha256)
         swap.install_release(release.path, install_path, heartbeat, previous_sha256)
         log.info("Previous binary %s reinstalled at %s", previous_sha256[:12], install_path)
@@ -57,11 +56,3 @@ def put_back(
 
     report = check_health(manager, config.health, heartbeat, state_before)
     return f"previous binary {previous_sha256[:12]} healthy again ({report.state.detail})"
-
-
-def installed_sha256(install_path: Path) -> str | None:
-    """The sha256 of the binary at the install path, None when there is none."""
-    try:
-        return verify.sha256_of_path(install_path)
-    except FileNotFoundError:
-        return None

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from stagewatch import journal, lock, rollback
+from stagewatch import journal, lock, swap
 from stagewatch.config import Config
 from stagewatch.errors import RecoveryError
 from stagewatch.fsutil import atomic_write_bytes, remove_if_present
@@ -80,7 +80,7 @@ def current_status(
     last = history.last_finished() if history is not None else None
     return {
         "state": state,
-        "installed_sha256": rollback.installed_sha256(config.service.binary),
+        "installed_sha256": swap.installed_sha256(config.service.binary, config.state.releases_dir),
         "armed_until": armed_until,
         "armed_id": arm.id if armed_until is not None and arm is not None else None,
         "interrupted": interrupted,
