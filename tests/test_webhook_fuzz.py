@@ -22,6 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from standardwebhooks.webhooks import Webhook
+from test_webhook import read_until_closed
 
 from stagewatch.config import WebhookConfig
 from stagewatch.webhook import WebhookServer
@@ -78,15 +79,7 @@ def send(server: WebhookServer, pieces: list[bytes]) -> bytes:
         except OSError:
             pass  # the server refused the request and closed before all of it was sent
 
-        received = b""
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except ConnectionResetError:
-                return received
-            if not chunk:
-                return received
-            received += chunk
+        return read_until_closed(sock)
 
 
 def check_refused(server: WebhookServer, target: ArmRecorder, pieces: list[bytes]) -> None:
