@@ -346,7 +346,7 @@ class WebhookServer:
             ssl_handshake_timeout=self._request_timeout_seconds if ssl_context else None,
         )
         # asyncio uses its `backlog` twice: as the number of connections accepted per turn,
-        # and for listen(2), which it has just called. Give the kernel its longer queue back.
+        # and for listen(2), which it has just called. Give the kernel its longer queue.
         listener.listen(LISTEN_BACKLOG)
 
     def _rebind(self, config: WebhookConfig) -> None:
@@ -397,7 +397,11 @@ def _endpoint(config: WebhookConfig) -> tuple[object, ...]:
 
 
 def _bind(listen: str, host: str, port: int) -> socket.socket:
-    """A listening socket on host:port; raise ConfigError naming `webhook.listen` if it fails."""
+    """A listening socket on host:port; raise ConfigError naming `webhook.listen` if it fails.
+
+    Two sockets with SO_REUSEADDR may both bind a port that neither listens on yet; only
+    listen(2) tells, so it is called here, where its error can name the key.
+    """
     try:
         family, kind, protocol, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
