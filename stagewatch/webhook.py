@@ -80,9 +80,6 @@ MAX_VERSION_LENGTH = 128
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 _DEPLOY_ID = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _DEPLOYS_PREFIX = b"/deploys/"
-# An absolute path of two parts or more, not inside a URL or a relative path; its last part
-# is all that an answer over HTTP keeps of it.
-_HOST_PATH = re.compile(r"(?<![\w.:/~-])/(?:[^\s/'\"(),;:]+/)+([^\s/'\"(),;:]+)")
 
 _HEALTHY = b'{"ok": true}'
 _UNAUTHORIZED = b'{"error": "unauthorized"}'
@@ -113,7 +110,11 @@ _KEPT_HEADERS = {
 
 
 class ArmTarget(Protocol):
-    """What the webhook drives: the daemon's coordinator. Every method is quick and thread-safe."""
+    """What the webhook drives: the daemon's coordinator. Every method is quick and thread-safe.
+
+    What the methods return, and the message of BusyError, go to the client as they are, so
+    they must name no path of the host (`stagewatch.status.without_host_paths` cuts them).
+    """
 
     def arm(self, sha256: str | None, version: str | None, force: bool) -> dict[str, Any]:
         """Arm the agent; return `{"id", "state": "armed", "armed_until"}`.
@@ -688,18 +689,7 @@ def _status_job(target: ArmTarget) -> tuple[int, bytes]:
 
 
 def _encode(document: dict[str, Any]) -> bytes:
-    return json.dumps(_without_host_paths(document)).encode()
-
-
-def _without_host_paths(value: Any) -> Any:
-    """`value` with every absolute path inside its strings cut to the path's last part."""
-    if isinstance(value, str):
-        return _HOST_PATH.sub(r"\1", value) if "/" in value else value
-    if isinstance(value, dict):
-        return {key: _without_host_paths(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_without_host_paths(item) for item in value]
-    return value
+    return json.dumps(document).encode()
 
 
 class _Responses:
