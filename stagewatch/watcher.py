@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from watchdog.events import (
+    EVENT_TYPE_DELETED,
+    EVENT_TYPE_MOVED,
     DirCreatedEvent,
     DirDeletedEvent,
     DirMovedEvent,
@@ -84,6 +86,9 @@ _PARENT_EVENTS: list[type[FileSystemEvent]] = [
     DirDeletedEvent,
 ]
 
+# Event types after which the folder at the event's source path is no longer the one watched.
+_GONE_EVENT_TYPES = frozenset({EVENT_TYPE_DELETED, EVENT_TYPE_MOVED})
+
 # Each join of stop() gets this long, so that stop() ends within about two seconds.
 _JOIN_SECONDS = 0.9
 
@@ -127,6 +132,9 @@ class _Watched:
     identity: tuple[int, int]
     watch: ObservedWatch
 
+    def matches(self, path: Path, identity: tuple[int, int] | None) -> bool:
+        return (self.path, self.identity) == (path, identity)
+
 
 class _InotifyDescriptor(InotifyFD):
     """watchdog's inotify reader thread, which also tells us when the kernel queue overflowed.
@@ -162,9 +170,12 @@ class _Observer(BaseObserver):
 
 
 class _EventRouter(FileSystemEventHandler):
-    """Sorts events into 'a staged name changed' and 'the folder may be gone or back'.
+    """Sorts events into 'a staged name changed' and 'the folder may be gone, back or new'.
 
-    Runs on the observer's thread, so it decides nothing: it only wakes the watcher's thread.
+    `on_folder(gone=True)` means that the staging folder or a folder above it was removed or
+    renamed away: its watch is dead even if a new folder in its place looks the same, since
+    ext4 gives a freed inode number to the next folder created. Runs on the observer's
+    thread, so it decides nothing: it only wakes the watcher's thread.
     """
 
     def __init__(
@@ -172,7 +183,7 @@ class _EventRouter(FileSystemEventHandler):
         pair_paths: frozenset[str],
         folder_chain: frozenset[str],
         on_files: Callable[[], None],
-        on_folder: Callable[[], None],
+        on_folder: Callable[[bool], None],
     ) -> None:
         self._pair_paths = pair_paths
         self._folder_chain = folder_chain
@@ -180,11 +191,13 @@ class _EventRouter(FileSystemEventHandler):
         self._on_folder = on_folder
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        paths = {os.fsdecode(event.src_path), os.fsdecode(event.dest_path)}
+        source = os.fsdecode(event.src_path)
+        paths = {source, os.fsdecode(event.dest_path)}
         if paths & self._pair_paths:
             self._on_files()
         elif paths & self._folder_chain:
-            self._on_folder()
+            gone = source in self._folder_chain and event.event_type in _GONE_EVENT_TYPES
+            self._on_folder(gone)
 
 
 class StagingWatcher:
@@ -219,6 +232,7 @@ class StagingWatcher:
         self._condition = threading.Condition()
         self._files_changed = False
         self._folder_changed = False
+        self._folder_gone = False
         self._stopping = False
 
         # Owned by the watcher's thread (and by start() before that thread exists).
@@ -250,7 +264,7 @@ class StagingWatcher:
         observer.start()
         self._observer = observer
 
-        self._follow_folder()
+        self._follow_folder(forget=False)
         with self._condition:
             self._files_changed = True
         self._thread = threading.Thread(target=self._run, name="stagewatch-watcher", daemon=True)
@@ -265,7 +279,7 @@ class StagingWatcher:
         A rescan does not restart a quiet period: a pair already quiet for `settle_seconds`
         and not yet reported is reported right away.
         """
-        self._notice_folder()
+        self._notice_folder(gone=False)
 
     def stop(self) -> None:
         """Stop watching and join every thread of the watcher, within about two seconds."""
@@ -308,9 +322,10 @@ class StagingWatcher:
             self._files_changed = True
             self._condition.notify()
 
-    def _notice_folder(self) -> None:
+    def _notice_folder(self, gone: bool) -> None:
         with self._condition:
             self._folder_changed = True
+            self._folder_gone |= gone
             self._condition.notify()
 
     def _notice_overflow(self) -> None:
@@ -342,9 +357,10 @@ class StagingWatcher:
                 return False
 
             files_changed, folder_changed = self._files_changed, self._folder_changed
-            self._files_changed = self._folder_changed = False
+            folder_gone = self._folder_gone
+            self._files_changed = self._folder_changed = self._folder_gone = False
 
-        if folder_changed and self._follow_folder():
+        if folder_changed and self._follow_folder(forget=folder_gone):
             files_changed = True
         self._look(changed=files_changed)
         return True
@@ -411,29 +427,33 @@ class StagingWatcher:
 
     # Following the folder: which inode the watches are on, and where they should be.
 
-    def _follow_folder(self) -> bool:
-        """Put the watches where the folders are now; return whether the staging watch moved."""
-        self._follow_parent()
-        return self._follow_staging()
+    def _follow_folder(self, *, forget: bool) -> bool:
+        """Put the watches where the folders are now; return whether the staging watch moved.
 
-    def _follow_parent(self) -> None:
-        # Placing the watch again after each move: a folder created below the new parent before
-        # its watch was in place produced no event, so the next round finds it instead.
+        With `forget`, both watches are placed again even on folders that look unchanged.
+        """
+        self._follow_parent(forget=forget)
+        return self._follow_staging(forget=forget)
+
+    def _follow_parent(self, *, forget: bool) -> None:
+        # Looking again after each move: a folder created below the new parent before its
+        # watch was in place produced no event, so the next turn of the loop finds it instead.
         while True:
             path, identity = _nearest_folder(self._folder.parent)
             current = self._parent_watch
-            if current is not None and (current.path, current.identity) == (path, identity):
+            if not forget and current is not None and current.matches(path, identity):
                 return
 
+            forget = False
             self._unwatch(current)
             self._parent_watch = self._watch(path, identity, _PARENT_EVENTS)
             if self._parent_watch is None:
                 return
 
-    def _follow_staging(self) -> bool:
+    def _follow_staging(self, *, forget: bool) -> bool:
         identity = _folder_identity(self._folder)
         current = self._staging_watch
-        if current is not None and current.identity == identity:
+        if not forget and current is not None and current.matches(self._folder, identity):
             return False
 
         self._unwatch(current)

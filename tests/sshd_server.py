@@ -3,7 +3,7 @@
     from sshd_server import running_sshd, sshd_missing_reason
 
     with running_sshd(base_folder) as server:
-        subprocess.run(["scp", *server.scp_options(), "file", server.remote(path)], check=True)
+        subprocess.run(["scp", *server.copy_options(), "file", server.remote(path)], check=True)
 
 `running_sshd` starts Debian's sshd in the foreground (`sshd -D -e -f CONFIG`) on a free
 loopback port, with its own host key, configuration, authorized keys and pid file, all in
@@ -99,10 +99,8 @@ class SshServer:
         """`ssh` to the deploy user, ready for a remote command to be appended."""
         return ["ssh", "-p", str(self.port), *self.client_options(), self.login]
 
-    def scp_options(self) -> list[str]:
-        return ["-P", str(self.port), *self.client_options()]
-
-    def sftp_options(self) -> list[str]:
+    def copy_options(self) -> list[str]:
+        """Options for scp and sftp, which both take the port as -P."""
         return ["-P", str(self.port), *self.client_options()]
 
     def rsync_shell(self) -> str:

@@ -61,7 +61,9 @@ def _run(command: list[str | Path]) -> None:
 
 
 def scp(server: SshServer, build: Path, staging: Path) -> None:
-    _run(["scp", *server.scp_options(), build / CHECKSUM, build / ARTIFACT, server.remote(staging)])
+    _run(
+        ["scp", *server.copy_options(), build / CHECKSUM, build / ARTIFACT, server.remote(staging)]
+    )
 
 
 def legacy_scp(server: SshServer, build: Path, staging: Path) -> None:
@@ -69,7 +71,7 @@ def legacy_scp(server: SshServer, build: Path, staging: Path) -> None:
         [
             "scp",
             "-O",
-            *server.scp_options(),
+            *server.copy_options(),
             build / CHECKSUM,
             build / ARTIFACT,
             server.remote(staging),
@@ -84,7 +86,7 @@ def sftp_rename(server: SshServer, build: Path, staging: Path) -> None:
         lines.append(f"put {build / name} {staging / f'.{name}.part'}")
         lines.append(f"rename {staging / f'.{name}.part'} {staging / name}")
     batch.write_text("\n".join(lines) + "\n")
-    _run(["sftp", "-b", str(batch), *server.sftp_options(), server.login])
+    _run(["sftp", "-b", str(batch), *server.copy_options(), server.login])
 
 
 def rsync(server: SshServer, build: Path, staging: Path) -> None:
@@ -127,7 +129,7 @@ def slow_scp(server: SshServer, build: Path, staging: Path) -> None:
             "scp",
             "-l",
             "8192",
-            *server.scp_options(),
+            *server.copy_options(),
             build / CHECKSUM,
             build / ARTIFACT,
             server.remote(staging),

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import pytest
 from conftest import wait_for
@@ -459,9 +461,24 @@ watcher.stop()
 """
 
 
-def _process_state(pid: int) -> str:
-    # The state letter follows the command name, which is in parentheses (proc(5)).
-    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+def _thread_states(pid: int) -> set[str]:
+    """The state letter of every thread of `pid` (proc(5): it follows the parenthesised name)."""
+    return {
+        stat_file.read_text().rpartition(")")[2].split()[0]
+        for stat_file in Path(f"/proc/{pid}/task").glob("*/stat")
+    }
+
+
+def _lines_of(stream: IO[str]) -> queue.Queue[str]:
+    """The lines `stream` yields, read on a thread, so that the test can wait with a deadline."""
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        for line in stream:
+            lines.put(line)
+
+    threading.Thread(target=read, name="child-stdout", daemon=True).start()
+    return lines
 
 
 def test_kernel_queue_overflow_makes_the_watcher_look_again(staging_dir: Path) -> None:
@@ -472,6 +489,7 @@ def test_kernel_queue_overflow_makes_the_watcher_look_again(staging_dir: Path) -
     noise = [staging_dir / "noise-a", staging_dir / "noise-b"]
     for path in noise:
         path.touch()
+    content = b"release written while the events were dropped"
 
     child = subprocess.Popen(
         [sys.executable, "-c", _OVERFLOW_CHILD, str(staging_dir), str(SETTLE_SECONDS)],
@@ -483,24 +501,28 @@ def test_kernel_queue_overflow_makes_the_watcher_look_again(staging_dir: Path) -
     )
     try:
         assert child.stdout is not None
-        assert child.stdout.readline().strip() == "ready"
+        lines = _lines_of(child.stdout)
+        assert lines.get(timeout=20).strip() == "ready"
 
         child.send_signal(signal.SIGSTOP)
-        wait_for(lambda: _process_state(child.pid) == "T", what="the child to stop")
+        wait_for(lambda: _thread_states(child.pid) == {"T"}, what="every thread to stop")
         for index in range(limit + 4096):
             # Alternating names, since identical successive events are merged (inotify(7)).
             os.utime(noise[index % 2])
-        write_pair(staging_dir, b"release written while the events were dropped")
+        write_pair(staging_dir, content)
+        stopped_states = _thread_states(child.pid)
         child.send_signal(signal.SIGCONT)
 
-        line = child.stdout.readline()
-        assert json.loads(line) == {"size": len(b"release written while the events were dropped")}
+        report = lines.get(timeout=20)
     finally:
         child.send_signal(signal.SIGCONT)
         _, errors = child.communicate(timeout=10)
 
     assert child.returncode == 0, errors
-    assert "The inotify queue overflowed and events were lost" in errors
+    assert json.loads(report) == {"size": len(content)}
+    assert "The inotify queue overflowed and events were lost" in errors, (
+        f"no overflow; thread states while stopped: {stopped_states}; log: {errors!r}"
+    )
 
 
 def _context_switches(thread: threading.Thread) -> int:
@@ -549,3 +571,21 @@ def test_stop_before_start_and_waiting_before_start_are_harmless(
     assert watcher.waiting() is None
     assert not watcher.is_alive()
     watcher.stop()
+
+
+def test_staging_folder_removed_and_recreated_at_once_is_watched_again(
+    staging: StagingConfig, watcher_log: WatcherLog
+) -> None:
+    # ext4 hands the freed inode number straight to the next folder made in the same place,
+    # so the new folder can look identical to the old one, whose watch died with it.
+    with running_watcher(staging) as (_, reports):
+        shutil.rmtree(staging.dir)
+        staging.dir.mkdir()
+        wait_for(
+            lambda: watcher_log.has("was replaced") or watcher_log.has("is back"),
+            what="the watch to move to the new folder",
+        )
+        write_pair(staging.dir, b"release 1")
+
+        [pair] = reports.wait(1)
+        assert pair == staged_pair(staging.dir)
