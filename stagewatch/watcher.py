@@ -487,7 +487,7 @@ class StagingWatcher:
         elif self._missing_announced:
             logger.info("Staging folder %s is back; watching it again", self._folder)
         else:
-            logger.info("Watching staging folder %s", self._folder)
+            logger.debug("Watching staging folder %s", self._folder)
         self._missing_announced = False
 
     def _watch(
@@ -524,6 +524,9 @@ class StagingWatcher:
         return _Watched(path, identity, watch)
 
     def _unwatch(self, watched: _Watched | None) -> None:
+        # watchdog 7.1 stops the emitter of a folder that is deleted (IN_DELETE_SELF) but keeps
+        # it scheduled, and scheduling the same path again would reuse that dead emitter: a
+        # watch is therefore always unscheduled before its path is watched anew.
         if watched is not None:
             self._started_observer().unschedule(watched.watch)
 
