@@ -90,12 +90,12 @@ def check_health(
 
     baseline = _become_healthy(probe, health.timeout_seconds, previous)
     became_healthy_after = time.monotonic() - started
-    logger.info(
+    logger.debug(
         "%s is healthy after %.1f s (%s)", manager.unit, became_healthy_after, baseline.detail
     )
 
     state, stable = _stay_healthy(probe, baseline, health.stable_seconds)
-    logger.info("%s stayed healthy for %.1f s", manager.unit, stable)
+    logger.debug("%s stayed healthy for %.1f s", manager.unit, stable)
 
     return HealthReport(
         state=state, became_healthy_after_seconds=became_healthy_after, stable_seconds=stable

@@ -207,7 +207,7 @@ class SystemdManager:
             )
             raise
 
-        logger.info("%s %s in %.2f s", PAST_TENSE[action], self.unit, _since(started))
+        logger.debug("%s %s in %.2f s", PAST_TENSE[action], self.unit, _since(started))
 
     def _argv(self, *arguments: str) -> list[str]:
         return ["systemctl", "--no-ask-password", *arguments]
@@ -301,7 +301,7 @@ class CommandManager:
                 f"{_describe_status(completed.status)}: {completed.tail}"
             )
 
-        logger.info("%s %s in %.2f s", PAST_TENSE[action], self.unit, _since(started))
+        logger.debug("%s %s in %.2f s", PAST_TENSE[action], self.unit, _since(started))
 
     def _command(self, key: str) -> tuple[str, ...]:
         argv: tuple[str, ...] | None = getattr(self._service, key)

@@ -136,7 +136,7 @@ def take_snapshot(database: DatabaseConfig, label: str, heartbeat: Heartbeat) ->
 
     path = snapshot_dir / name
     snapshot = Snapshot(name, path, path.stat().st_size, created_at)
-    logger.info(
+    logger.debug(
         "Snapshot %s taken in %.2f s (%s, integrity ok)",
         name,
         time.monotonic() - started,
@@ -439,7 +439,7 @@ def _backup(
         connection.backup(target, pages=BACKUP_STEP_PAGES, progress=beat_on_progress)
 
     heartbeat.beat()
-    logger.info(
+    logger.debug(
         "Copied %s into %s in %.2f s", source.name, partial.name, time.monotonic() - started
     )
 
@@ -492,7 +492,7 @@ def _check_integrity(path: Path, heartbeat: Heartbeat) -> None:
         )
 
     heartbeat.beat()
-    logger.info("Checked %s in %.2f s: integrity ok", path.name, time.monotonic() - started)
+    logger.debug("Checked %s in %.2f s: integrity ok", path.name, time.monotonic() - started)
 
 
 def _publish(partial: Path, final: Path) -> None:
@@ -500,7 +500,7 @@ def _publish(partial: Path, final: Path) -> None:
     _fsync_file(partial)
     os.rename(partial, final)
     fsync_directory(final.parent)
-    logger.info("Published %s in %.2f s", final.name, time.monotonic() - started)
+    logger.debug("Published %s in %.2f s", final.name, time.monotonic() - started)
     logger.debug("Renamed %s to %s", partial, final)
 
 

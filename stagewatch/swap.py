@@ -122,7 +122,7 @@ def install(
     except OSError as error:
         # The new binary is in place; an old release left over is retried at the next install.
         logger.warning("Could not prune kept releases in %s: %s", releases_dir, error.strerror)
-    logger.info(
+    logger.debug(
         "Installed %s at %s, replacing %s (%.2f s)",
         copy.sha256,
         install_path,
@@ -181,7 +181,7 @@ def install_release(
         raise
 
     _finish_install(install_path, releases_dir or release_path.parent, wanted)
-    logger.info(
+    logger.debug(
         "Put release %s back at %s (%.2f s)", wanted, install_path, time.monotonic() - started
     )
 
@@ -454,7 +454,7 @@ def _keep(
         raise SwapError(f"{install_path}: was replaced while it was being kept; try again")
 
     os.replace(link, release)
-    logger.info("Kept the previous binary as release %s (a hard link)", release.name)
+    logger.debug("Kept the previous binary as release %s (a hard link)", release.name)
 
 
 def _keep_copy(
@@ -469,7 +469,7 @@ def _keep_copy(
         )
 
     os.replace(copy.path, release)
-    logger.info("Kept the previous binary as release %s (a copy)", release.name)
+    logger.debug("Kept the previous binary as release %s (a copy)", release.name)
 
 
 def _stale_temporaries(releases_dir: Path) -> list[Path]:

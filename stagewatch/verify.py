@@ -151,7 +151,7 @@ def stage_verified_copy(
             _remove_quietly(copy.path)
             raise
 
-    logger.info(
+    logger.debug(
         "Verified %s: %d bytes, sha256 %s (%.2f s)",
         artifact.label,
         copy.size,

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Sandbox, wait_for
+from sandbox import Sandbox, wait_for
 
 from stagewatch import lock
 from stagewatch.cli import main

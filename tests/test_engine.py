@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import Sandbox, sha256_of, wait_for
+from sandbox import Sandbox, sha256_of, wait_for
 
 from stagewatch.cli import main
 from stagewatch.engine import DeployRequest, Engine

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port, wait_for
+from sandbox import free_port, wait_for
 from standardwebhooks.webhooks import Webhook
 
 from stagewatch import webhook
