@@ -79,7 +79,7 @@ class Coordinator:
     def arm(self, sha256: str | None, version: str | None, force: bool) -> dict[str, Any]:
         with self._lock:
             if self._deploying is not None:
-                raise BusyError(f"deploy {self._deploying} is running")
+                raise BusyError(f"deploy {self._deploying} is running", self._deploying)
 
             armed_until = datetime.now(UTC) + timedelta(
                 seconds=self.config.staging.arm_timeout_seconds

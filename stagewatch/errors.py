@@ -27,7 +27,11 @@ class ConfigError(StagewatchError):
 
 
 class BusyError(StagewatchError):
-    """Another deploy, rollback or restore is running."""
+    """Another deploy, rollback or restore is running; `deploy_id` names it when known."""
+
+    def __init__(self, message: str, deploy_id: str | None = None) -> None:
+        super().__init__(message)
+        self.deploy_id = deploy_id
 
 
 class RejectedError(StagewatchError):
