@@ -1,0 +1,129 @@
+"""The command line as an operator meets it: a real `stagewatch` process per command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from sandbox import Sandbox, sha256_of
+
+
+def stagewatch(sandbox: Sandbox, *arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "stagewatch", "--config", str(sandbox.config_path), *arguments],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_deploy_then_json_documents_for_status_history_and_snapshots(sandbox: Sandbox) -> None:
+    sandbox.install_initial("1.0")
+    sandbox.stage("2.0")
+
+    deployed = stagewatch(sandbox, "deploy", "--version", "2.0")
+    assert deployed.returncode == 0, deployed.stderr
+    assert "succeeded" in deployed.stdout
+
+    status = json.loads(stagewatch(sandbox, "status", "--json").stdout)
+    assert status["state"] == "idle"
+    assert status["installed_sha256"] == sha256_of(sandbox.binary)
+    assert status["armed_until"] is None
+    assert status["last"]["outcome"] == "succeeded"
+
+    history = json.loads(stagewatch(sandbox, "history", "--json").stdout)
+    assert len(history) == 1
+    record = history[0]
+    for key in ("id", "outcome", "reason", "sha256", "version", "started_at", "finished_at"):
+        assert key in record
+    assert record["version"] == "2.0"
+    assert record["started_at"].endswith("Z") and record["finished_at"].endswith("Z")
+    assert record["steps"][0]["name"] == "verifying"
+    assert set(record["steps"][0]) >= {"name", "started_at", "seconds", "ok"}
+
+    snapshots = json.loads(stagewatch(sandbox, "snapshots", "list", "--json").stdout)
+    assert [item["name"] for item in snapshots] == [record["snapshot"]]
+
+
+def test_a_rejected_deploy_exits_1_and_says_why(sandbox: Sandbox) -> None:
+    sandbox.install_initial("1.0")
+    sandbox.stage("2.0", checksum="not a checksum\n")
+
+    deployed = stagewatch(sandbox, "deploy")
+
+    assert deployed.returncode == 1
+    assert "rejected" in deployed.stdout
+    assert "dealspace.sha256" in deployed.stdout
+
+
+def test_a_bad_sha256_option_is_a_usage_error(sandbox: Sandbox) -> None:
+    deployed = stagewatch(sandbox, "deploy", "--sha256", "xyz")
+
+    assert deployed.returncode == 2
+    assert "--sha256" in deployed.stderr
+
+
+def test_status_and_history_on_a_fresh_host_act_on_nothing(sandbox: Sandbox) -> None:
+    status = stagewatch(sandbox, "status", "--json")
+    history = stagewatch(sandbox, "history", "--json")
+
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["last"] is None
+    assert json.loads(history.stdout) == []
+    assert not sandbox.state.exists()
+
+
+def test_snapshots_create_and_restore_with_yes(sandbox: Sandbox) -> None:
+    sandbox.install_initial("1.0")
+
+    created = stagewatch(sandbox, "snapshots", "create")
+    assert created.returncode == 0, created.stderr
+    name = created.stdout.split()[0]
+
+    refused = stagewatch(sandbox, "snapshots", "restore", "no-such.db", "--yes")
+    assert refused.returncode == 1
+    assert name in refused.stderr
+
+    restored = stagewatch(sandbox, "snapshots", "restore", name, "--yes")
+    assert restored.returncode == 0, restored.stderr
+    assert sandbox.served_version() == "1.0"
+
+
+def test_version_and_help_are_everywhere() -> None:
+    shown = subprocess.run(
+        [sys.executable, "-m", "stagewatch", "--version"], capture_output=True, text=True
+    )
+    assert shown.returncode == 0 and "stagewatch" in shown.stdout
+
+    for command in (
+        ["run"],
+        ["check-config"],
+        ["deploy"],
+        ["status"],
+        ["history"],
+        ["rollback"],
+        ["snapshots", "list"],
+        ["snapshots", "create"],
+        ["snapshots", "restore"],
+        ["demo"],
+    ):
+        helped = subprocess.run(
+            [sys.executable, "-m", "stagewatch", *command, "--help"],
+            capture_output=True,
+            text=True,
+        )
+        assert helped.returncode == 0, (command, helped.stderr)
+        assert "Usage:" in helped.stdout
+
+
+def test_check_config_names_each_problem_and_exits_2(sandbox: Sandbox) -> None:
+    (sandbox.root / "webhook-secret").chmod(0o644)
+    sandbox.write_config(database__path=str(sandbox.root / "nowhere" / "x.db"))
+
+    checked = stagewatch(sandbox, "check-config")
+
+    assert checked.returncode == 2
+    assert "database.path" in checked.stderr
+    assert "chmod 0600" in checked.stderr
