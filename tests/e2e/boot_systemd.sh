@@ -3,8 +3,8 @@
 #
 #   boot_systemd.sh BASE CHECKOUT
 #
-# Run it inside fresh PID, mount, UTS, IPC and cgroup namespaces (conftest.py starts it under
-# unshare(1)); it ends by becoming systemd. Every mount below is made in that private mount
+# Run it inside fresh PID, mount, UTS, IPC and cgroup namespaces (systemd_sandbox.py starts it
+# under unshare(1)); it ends by becoming systemd. Every mount below is made in that private mount
 # namespace, so they all vanish with it, and the host's mount table never changes:
 #
 # - BASE gets a tmpfs holding the upper and work folders of an overlay whose lower layer is
@@ -16,7 +16,7 @@
 # - /proc/sys and /sys are read-only, as a container manager makes them: units that tune
 #   the kernel skip themselves (ConditionPathIsReadWrite=), the rest fail harmlessly.
 # - /sys/fs/cgroup is a new cgroup2 mount, rooted (through the cgroup namespace) at the
-#   cgroup that conftest.py made for this sandbox and removes afterwards.
+#   cgroup that systemd_sandbox.py made for this sandbox and removes afterwards.
 # - CHECKOUT, the folder being tested, is bound read-only at its own path.
 #
 # The units that could reach beyond the sandbox (the clock, the network, kernel modules,
@@ -81,13 +81,23 @@ for unit in \
     ln -sf /dev/null "$root/etc/systemd/system/$unit"
 done
 
+# The overlay becomes the root; the host's root, moved aside by pivot_root(8), is detached
+# at once. A chroot would do for systemd, but a process in a chroot may not create user
+# namespaces (user_namespaces(7)), and PrivateUsers= and friends need them.
+cd "$root"
+mkdir run/old-root
+pivot_root . run/old-root
+cd /
+umount -l /run/old-root
+rmdir /run/old-root
+
 # systemd makes / shared itself only when it is not in a container, where it expects the
 # container manager to have done so; it needs it, for instance, to move the credentials of a
 # unit (LoadCredential=) from the namespace where it prepares them into its own. Shared here
 # means shared within this private namespace: no mount of the host is a peer of these.
-mount --make-rshared "$root"
+mount --make-rshared /
 
 export container=other
 exec setpriv \
     --bounding-set=-sys_module,-sys_time,-net_admin,-sys_rawio,-syslog,-wake_alarm,-sys_boot,-mac_admin,-mac_override,-block_suspend,-sys_tty_config \
-    chroot "$root" /lib/systemd/systemd --system --unit=basic.target
+    /lib/systemd/systemd --system --unit=basic.target

@@ -39,7 +39,10 @@ from systemd_sandbox import (
 
 @pytest.fixture(scope="module")
 def booted_systemd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SystemdSandbox]:
-    """A booted systemd with dbus and polkit running, torn down after the module."""
+    """A booted systemd with dbus and polkit running, torn down after the module.
+
+    Its journal is kept as journal.txt beside the module's other temporary files.
+    """
     require_root()
     folder = tmp_path_factory.mktemp("systemd")
     machine = SystemdSandbox(folder / "overlay", folder / "boot.log")
@@ -53,6 +56,7 @@ def booted_systemd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Systemd
         )
         yield machine
     finally:
+        machine.save_journal(folder / "journal.txt")
         machine.shutdown()
 
 

@@ -154,6 +154,19 @@ class SystemdSandbox:
                     return int(word)
         return None
 
+    def save_journal(self, target: Path) -> None:
+        """Write the whole journal of this boot to `target`, for a look after a failure."""
+        if not self.pid:
+            return
+        with target.open("w") as output:
+            subprocess.run(
+                self.command(["journalctl", "-b", "-o", "short-precise", "--no-pager"]),
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                timeout=60,
+                check=False,
+            )
+
     def shutdown(self) -> None:
         """Kill systemd (and so every process of its PID namespace) and remove the cgroups."""
         if self.pid:

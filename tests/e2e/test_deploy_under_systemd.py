@@ -35,7 +35,7 @@ from systemd_sandbox import (
 
 pytestmark = pytest.mark.e2e
 
-EXPOSURE_LIMIT = 1.2
+EXPOSURE_LIMIT = 1.1
 """`systemd-analyze security stagewatch.service` reached by packaging/systemd (lower is safer)."""
 
 DEPLOY_SECONDS = 40.0
@@ -156,6 +156,7 @@ def test_release_pushed_with_scp_and_armed_goes_live(production: Production) -> 
     assert BINARY.encode() in command_line, command_line
     assert production.installed_sha256() == production.sha256("2.0.0")
     assert production.serving_version() == "2.0.0"
+    assert _install_folder(production) == ["dealspace"]
     assert sorted(sandbox.path(STAGING).iterdir()) == [], "staged files must be removed"
 
     snapshot = f"{SNAPSHOT_DIR}/{record['snapshot']}"
@@ -187,6 +188,7 @@ def test_crash_looping_release_is_rolled_back(production: Production) -> None:
 
     assert record["outcome"] == "rolled_back", record
     assert production.installed_sha256() == live
+    assert _install_folder(production) == ["dealspace"]
     wait_for(lambda: production.serving_version() == "2.0.0", 15, "2.0.0 to serve again")
     state = production.sandbox.show("dealspace.service", "ActiveState")
     assert state == {"ActiveState": "active"}
@@ -205,6 +207,7 @@ def test_release_that_never_becomes_healthy_is_rolled_back(production: Productio
 
     assert record["outcome"] == "rolled_back", record
     assert production.installed_sha256() == live
+    assert _install_folder(production) == ["dealspace"]
     wait_for(lambda: production.serving_version() == "2.0.0", 15, "2.0.0 to serve again")
 
 
@@ -263,6 +266,8 @@ def test_frozen_agent_is_killed_by_the_watchdog_and_the_deploy_finished(
         if entry.get("_PID") == "1" or entry.get("SYSLOG_IDENTIFIER") == "systemd"
     ]
     assert any("Watchdog timeout" in message for message in manager), manager
+    recovered = [message for _, message in _story(production, armed["id"])]
+    assert any("interrupted" in message.lower() for message in recovered), recovered
 
 
 def test_snapshot_restored_by_root_leaves_the_agent_able_to_deploy(
@@ -310,6 +315,11 @@ def test_uninstall_keeps_state_snapshots_configuration_and_secret(
     assert sorted(path.name for path in sandbox.path(SNAPSHOT_DIR).iterdir()) == snapshots
     assert sandbox.path(f"{STATE_DIR}/history.db").stat().st_size > 0
     assert production.serving_version() == "6.0.0", "dealspace itself is left alone"
+
+
+def _install_folder(production: Production) -> list[str]:
+    """What the folder of the live binary holds: the binary alone, no temporary file."""
+    return sorted(path.name for path in production.sandbox.path(BINARY).parent.iterdir())
 
 
 def _stat(production: Production, path: str) -> str:
