@@ -295,8 +295,9 @@ class Engine:
         if entry.kind == "rollback":
             releases_dir = self.config.state.releases_dir
             target = swap.find_release(releases_dir, entry.target_sha256 or "")
-            swap.keep_current(install_path, releases_dir, heartbeat)
+            kept = swap.keep_current(install_path, releases_dir, heartbeat)
             swap.install_release(target.path, install_path, heartbeat, target.sha256)
+            swap.prune_releases(releases_dir, self.config.state.keep_releases, protect=kept)
         else:
             copy = self._take_pending_copy(entry, heartbeat)
             swap.install(
