@@ -19,6 +19,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -100,7 +101,7 @@ class Engine:
         # before the restart (to tell a new main process from the old one). Neither survives a
         # crash, and recovery does without them: it verifies again, or checks health afresh.
         self._pending_copy: verify.VerifiedCopy | None = None
-        self._service_state_before: ServiceState | None = None
+        self._service_state_before: Future[ServiceState] | None = None
 
     # The public operations: each takes the lock and first settles an interrupted attempt.
 
@@ -183,7 +184,7 @@ class Engine:
     def _run_step(self, entry: Entry) -> None:
         step = entry.step
         journal.write(self.config.state.journal_path, entry)
-        self._save_record(entry)
+        self._save_record(entry, durable=False)
         if self.on_state is not None:
             self.on_state(step, entry.id)
 
@@ -253,6 +254,7 @@ class Engine:
         install_path = self.config.service.binary
         verify.remove_stale_copies(install_path)
         entry.previous_sha256 = installed_sha256(self.config)
+        self._query_service_state_in_background()
 
         if entry.kind == "rollback":
             release = swap.find_release(self.config.state.releases_dir, entry.target_sha256 or "")
@@ -312,13 +314,15 @@ class Engine:
         return RESTARTING, f"{install_path} now holds {entry.new_sha256}; previous {previous} kept"
 
     def _restart(self, entry: Entry, heartbeat: Heartbeat) -> tuple[str, str]:
-        self._service_state_before = self.manager.state()
+        if self._service_state_before is None:
+            self._query_service_state_in_background()
+        self._service_state_before_restart()
         self.manager.restart()
         return CHECKING, f"{self.manager.unit} restarted"
 
     def _check(self, entry: Entry, heartbeat: Heartbeat) -> tuple[str, str]:
         report = check_health(
-            self.manager, self.config.health, heartbeat, self._service_state_before
+            self.manager, self.config.health, heartbeat, self._service_state_before_restart()
         )
         self._service_state_before = None
         entry.outcome, entry.reason = "succeeded", None
@@ -440,6 +444,27 @@ class Engine:
 
     # Small helpers.
 
+    def _query_service_state_in_background(self) -> None:
+        """Ask for the service's state while the release is verified and the database copied.
+
+        The health probation compares the main process after the restart with the one before
+        it; the question costs a whole command (an operator's `is_active`, or systemctl), so
+        it runs beside the steps that come before the restart instead of delaying it.
+        """
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="service-state")
+        self._service_state_before = pool.submit(self.manager.state)
+        pool.shutdown(wait=False)
+
+    def _service_state_before_restart(self) -> ServiceState | None:
+        """The state asked for before the restart; None when it could not be had."""
+        if self._service_state_before is None:
+            return None
+        try:
+            return self._service_state_before.result()
+        except StagewatchError as error:
+            log.warning("The service's state before the restart is unknown: %s", error)
+            return None
+
     def _heartbeat(self, step: str) -> Heartbeat:
         if self.heartbeats is None:
             return detached(step)
@@ -507,7 +532,7 @@ class Engine:
                 os.unlink(path)
         log.info("Staged files removed from %s", staging.dir)
 
-    def _save_record(self, entry: Entry) -> Record:
+    def _save_record(self, entry: Entry, durable: bool = True) -> Record:
         existing = self.history.get(entry.id)
         record = Record(
             id=entry.id,
@@ -526,7 +551,7 @@ class Engine:
             snapshot=entry.snapshot,
             steps=list(entry.steps),
         )
-        self.history.save(record)
+        self.history.save(record, durable)
         return record
 
 

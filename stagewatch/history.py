@@ -81,26 +81,33 @@ class History:
             connection.executescript(_SCHEMA)
 
     @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
+    def _connect(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
         # A connection per call: the CLI and the daemon share the file, and a short-lived
         # connection never holds a lock across a slow deploy step.
         connection = sqlite3.connect(self.path, timeout=10, isolation_level=None)
         try:
             connection.row_factory = sqlite3.Row
             connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute("PRAGMA synchronous=FULL")
+            # In WAL mode, NORMAL survives a crash of the agent but may lose the last commits
+            # to a power cut (https://www.sqlite.org/pragma.html#pragma_synchronous); FULL
+            # fsyncs every commit.
+            connection.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             yield connection
         finally:
             connection.close()
 
-    def save(self, record: Record) -> None:
-        """Insert or replace the record with this id."""
+    def save(self, record: Record, durable: bool = True) -> None:
+        """Insert or replace the record with this id.
+
+        `durable=False` is for progress on the way (the step a deploy is at): the journal is
+        the truth about an unfinished deploy, so such a save need not wait for the disk.
+        """
         row = asdict(record)
         row["steps"] = json.dumps(record.steps)
         row["forced"] = int(record.forced)
         columns = ", ".join(row)
         placeholders = ", ".join(f":{name}" for name in row)
-        with self._lock, self._connect() as connection:
+        with self._lock, self._connect(durable) as connection:
             connection.execute(
                 f"INSERT OR REPLACE INTO attempts ({columns}) VALUES ({placeholders})",  # noqa: S608 - column names are ours
                 row,
