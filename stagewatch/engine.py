@@ -342,6 +342,7 @@ class Engine:
     # Finishing and recovery.
 
     def _finish(self, entry: Entry) -> Record:
+        self._pending_copy, self._service_state_before = None, None
         journal.write(self.config.state.journal_path, entry)
         record = self._save_record(entry)
         self._clear_staging(entry)
