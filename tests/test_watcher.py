@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO
 
 import pytest
-from conftest import wait_for
+from sandbox import wait_for
 
 from stagewatch.config import StagingConfig
 from stagewatch.heartbeat import Heartbeats
