@@ -28,6 +28,8 @@ from typing import Any
 
 import click
 
+from stagewatch.sample_service import control_command, write_release
+
 # A fresh secret per run: the sandbox's agent listens on 127.0.0.1 only, but still.
 _SECRET = secrets.token_hex(16)
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -98,18 +100,8 @@ class _Sandbox:
         _wait_for(lambda: _get_json(self.health_url) is not None, 10, "the sample service")
 
     def _config_text(self) -> str:
-        control = [sys.executable, "-m", "stagewatch.sample_service", "control"]
-        options = [
-            "--binary",
-            str(self.binary),
-            "--pidfile",
-            str(self.root / "service.pid"),
-            "--log",
-            str(self.root / "service.log"),
-        ]
-
-        def argv(verb: str) -> str:
-            return json.dumps([*control, verb, *options])
+        def argv(action: str) -> str:
+            return json.dumps(self._control_command(action))
 
         return f"""\
 # Written by `stagewatch demo`: a sandbox configuration, not a production one.
@@ -222,43 +214,24 @@ dir = "state"
         self._control("stop")
 
     def _release(self, path: Path, version: str, behaviour: str) -> None:
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "stagewatch.sample_service",
-                "release",
-                str(path),
-                "--port",
-                str(self.service_port),
-                "--database",
-                str(self.database),
-                "--version",
-                version,
-                "--behaviour",
-                behaviour,
-            ],
-            check=True,
+        write_release(
+            path,
+            port=self.service_port,
+            database=self.database,
+            version=version,
+            behaviour=behaviour,
         )
 
-    def _control(self, verb: str) -> None:
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "stagewatch.sample_service",
-                "control",
-                verb,
-                "--binary",
-                str(self.binary),
-                "--pidfile",
-                str(self.root / "service.pid"),
-                "--log",
-                str(self.root / "service.log"),
-            ],
-            check=False,
-            stdout=subprocess.DEVNULL,
+    def _control_command(self, action: str) -> list[str]:
+        return control_command(
+            action,
+            binary=self.binary,
+            pidfile=self.root / "service.pid",
+            log=self.root / "service.log",
         )
+
+    def _control(self, action: str) -> None:
+        subprocess.run(self._control_command(action), check=False, stdout=subprocess.DEVNULL)
 
 
 def _free_port() -> int:
