@@ -105,7 +105,7 @@ def staged_pair(folder: Path) -> StagedPair:
 
 
 class WatcherLog(logging.Handler):
-    """The watcher's log messages, caught on its own logger (whatever the root logger does)."""
+    """Log messages caught on one logger of ours (whatever the root logger does)."""
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
@@ -119,6 +119,10 @@ class WatcherLog(logging.Handler):
     def has(self, text: str) -> bool:
         with self._lock:
             return any(text in message for message in self._messages)
+
+    def messages(self) -> list[str]:
+        with self._lock:
+            return list(self._messages)
 
 
 @pytest.fixture
@@ -329,6 +333,23 @@ def test_symlinked_artifact_is_reported_for_the_verify_step_to_reject(
         [pair] = reports.wait(1)
         assert pair.artifact.inode == os.lstat(staging.dir / ARTIFACT).st_ino
         assert pair.artifact.inode != os.stat(target).st_ino
+
+
+def test_stopping_just_after_a_file_moved_out_logs_no_error(
+    tmp_path: Path, staging: StagingConfig
+) -> None:
+    # The move out is still held back by watchdog (it waits 0.5 s to pair it) when stop() runs.
+    watchdog_log = WatcherLog()
+    logging.getLogger("watchdog").addHandler(watchdog_log)
+    try:
+        with running_watcher(staging) as (_, reports):
+            write_pair(staging.dir, b"release 1")
+            reports.wait(1)
+            (staging.dir / ARTIFACT).rename(tmp_path / "rejected")
+    finally:
+        logging.getLogger("watchdog").removeHandler(watchdog_log)
+
+    assert not watchdog_log.has("ERROR"), watchdog_log.messages()
 
 
 def test_removed_staging_folder_is_watched_again_when_it_comes_back(
