@@ -45,16 +45,24 @@ class _ContextFilter(logging.Filter):
         return True
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """stagewatch's own handler, told apart from any other (a test runner's, say)."""
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Send stagewatch's logs to stderr, with journald priorities when run by systemd."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler(sys.stderr)
     handler.addFilter(_ContextFilter())
     if os.environ.get("JOURNAL_STREAM"):
         handler.setFormatter(logging.Formatter("<%(priority)d>%(deploy)s%(message)s"))
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(deploy)s%(message)s"))
 
-    root = logging.getLogger("stagewatch")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    root.propagate = False
+    # The libraries' own warnings (watchdog's, asyncio's) go the same way, with priorities;
+    # their chatter below warning stays out unless --verbose asks for everything.
+    root = logging.getLogger()
+    for previous in [known for known in root.handlers if isinstance(known, _StderrHandler)]:
+        root.removeHandler(previous)
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    logging.getLogger("stagewatch").setLevel(logging.DEBUG if verbose else logging.INFO)
