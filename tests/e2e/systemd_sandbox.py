@@ -457,8 +457,9 @@ Description=dealspace (the sample service standing in for it)
 User=dealspace
 Group=dealspace
 ExecStart=/opt/dealspace/bin/dealspace
+# systemd's own RestartSec= and start limits, as most units have them: a release that exits
+# at once makes the unit hit its start limit within half a second.
 Restart=always
-RestartSec=500ms
 # The database and its -wal and -shm are made 0640: group dealspace (which stagewatch joins)
 # reads them, nobody else does.
 UMask=0027

@@ -17,7 +17,7 @@ from systemd_sandbox import STAGING, Production, accepts, free_port, wait_for
 pytestmark = pytest.mark.e2e
 
 
-def test_stagewatch_may_restart_stop_and_start_dealspace(production: Production) -> None:
+def test_stagewatch_may_restart_stop_start_and_reset_dealspace(production: Production) -> None:
     sandbox = production.sandbox
     before = sandbox.main_pid("dealspace.service")
 
@@ -30,6 +30,7 @@ def test_stagewatch_may_restart_stop_and_start_dealspace(production: Production)
 
     _as_stagewatch(production, "start", "dealspace.service")
     assert sandbox.show("dealspace.service", "ActiveState") == {"ActiveState": "active"}
+    _as_stagewatch(production, "reset-failed", "dealspace.service")
     wait_for(lambda: production.serving_version() == "1.0.0", 15, "dealspace to serve again")
 
 
