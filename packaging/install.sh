@@ -35,6 +35,7 @@ POLKIT_RULE=/etc/polkit-1/rules.d/50-stagewatch.rules
 TMPFILES=/etc/tmpfiles.d/stagewatch.conf
 SSHD_SNIPPET_DIR=/etc/ssh/sshd_config.d
 SSHD_SNIPPET=$SSHD_SNIPPET_DIR/stagewatch-deploy.conf
+COMMAND_LINK=/usr/local/bin/stagewatch
 
 PYTHON=${STAGEWATCH_PYTHON:-/usr/bin/python3}
 DEALSPACE_GROUP=${DEALSPACE_GROUP:-dealspace}
@@ -101,6 +102,7 @@ install_all() {
 
     systemctl daemon-reload
     systemctl enable --now "$MOUNT_UNIT"
+    check_configuration
     systemctl enable "$UNIT"
     # restart, not start: an upgrade must run the code just installed. An agent stopped in the
     # middle of a deploy finishes or undoes it when it starts again.
@@ -186,6 +188,10 @@ install_venv() {
         set -- "$@" --constraint "$constraints"
     fi
     "$VENV/bin/pip" install "$@" "$wheel"
+    # The operator's `stagewatch` on PATH; a file of someone else's there is left alone.
+    if [ -L "$COMMAND_LINK" ] || [ ! -e "$COMMAND_LINK" ]; then
+        ln -sfn "$VENV/bin/stagewatch" "$COMMAND_LINK"
+    fi
     say "installed stagewatch into $VENV"
 }
 
@@ -294,6 +300,18 @@ install_sshd_snippet() {
     fi
 }
 
+check_configuration() {
+    # check-config as the agent sees the host: user stagewatch with its groups, the secret
+    # handed over as the unit's credential. Problems are reported, not fatal: on a new host
+    # the database may not exist before dealspace first runs.
+    if ! systemd-run --quiet --pipe --wait --collect \
+        --property=User=stagewatch --property=Group=stagewatch \
+        --property=LoadCredential="webhook-secret:$SECRET" \
+        "$VENV/bin/stagewatch" --config "$CONFIG" check-config </dev/null; then
+        warn "stagewatch check-config reported problems (above); fix them, then: systemctl restart $UNIT"
+    fi
+}
+
 uninstall() {
     for unit in "$UNIT" "$MOUNT_UNIT"; do
         if [ -e "$UNIT_DIR/$unit" ]; then
@@ -311,6 +329,9 @@ uninstall() {
         fi
     fi
 
+    if [ "$(readlink "$COMMAND_LINK" 2>/dev/null)" = "$VENV/bin/stagewatch" ]; then
+        rm -f "$COMMAND_LINK"
+    fi
     rm -rf "$VENV"
     for folder in "$CHROOT/opt/dealspace/staging" "$CHROOT/opt/dealspace" "$CHROOT/opt" \
         "$CHROOT" "$(dirname "$VENV")"; do

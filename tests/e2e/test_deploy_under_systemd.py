@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
 import urllib.request
 import uuid
@@ -64,6 +65,7 @@ def test_installer_makes_the_users_folders_and_a_private_secret(production: Prod
     assert _stat(production, "/opt/dealspace/bin") == "775 root stagewatch"
     assert _stat(production, STATE_DIR) == "750 stagewatch stagewatch"
     assert _stat(production, "/opt/stagewatch/chroot") == "755 root root"
+    assert os.readlink(sandbox.path("/usr/local/bin/stagewatch")) == STAGEWATCH
 
 
 def test_agent_runs_as_stagewatch_with_the_secret_as_a_credential(production: Production) -> None:
