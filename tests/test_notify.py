@@ -1,0 +1,232 @@
+"""`stagewatch run` under a stand-in for systemd's notify socket (sd_notify(3)).
+
+The daemon is started with `$NOTIFY_SOCKET` naming a real AF_UNIX datagram socket of the test
+and `$WATCHDOG_USEC=400000`, so that it should ping every 0.2 s. Every datagram is kept with
+its arrival time; counts of pings are taken over windows, never from single intervals.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import signal
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from daemon_fixtures import (  # noqa: F401 - fixtures
+    Daemon,
+    HealthStandIn,
+    NotifySocket,
+    daemon_sandbox_fixture,
+    health_stand_in_fixture,
+    interrupted_deploy,
+    notify_socket_fixture,
+)
+from sandbox import Sandbox, wait_for
+
+MakeSandbox = Callable[..., tuple[Sandbox, Daemon]]
+
+WATCHDOG = {"WATCHDOG_USEC": "400000"}
+PING_SECONDS = 0.2
+
+
+def outcome_in_history(sandbox: Sandbox, attempt_id: str) -> str | None:
+    """The recorded outcome, read as another process would, without taking any lock."""
+    uri = f"file:{sandbox.state / 'history.db'}?mode=ro"
+    with sqlite3.connect(uri, uri=True) as connection:
+        row = connection.execute("SELECT outcome FROM attempts WHERE id = ?", (attempt_id,))
+        found = row.fetchone()
+    return found[0] if found else None
+
+
+def pings_between(notify: NotifySocket, start: float, end: float) -> int:
+    return sum(1 for at in notify.times("WATCHDOG=1") if start < at <= end)
+
+
+def wait_past(moment: float) -> None:
+    """Let a window of the test's own making pass, to count what arrived within it."""
+    delay = moment - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+
+
+def status_lines(notify: NotifySocket) -> list[str]:
+    return [line.removeprefix("STATUS=") for line in notify.lines("STATUS=")]
+
+
+def test_ready_follows_the_recovery_and_the_listener_then_status_pings_and_stopping(
+    daemon_sandbox: MakeSandbox, notify_socket: NotifySocket
+) -> None:
+    sandbox, daemon = daemon_sandbox()
+    new = sandbox.stage("2.0")
+    journal = interrupted_deploy(sandbox, "restarting")
+    seen_at_ready: dict[str, Any] = {}
+
+    def look_at_the_world() -> None:
+        if not seen_at_ready:
+            seen_at_ready["serving"] = daemon.serving()
+            seen_at_ready["outcome"] = outcome_in_history(sandbox, journal["id"])
+            seen_at_ready["journal"] = (sandbox.state / "journal.json").exists()
+
+    notify_socket.on_line("READY=1", look_at_the_world)
+    started = time.monotonic()
+    daemon.start({**notify_socket.environment, **WATCHDOG})
+    ready = notify_socket.wait_for_line("READY=1", timeout=20)
+
+    wait_for(lambda: seen_at_ready, 5, "the look at the world at READY=1")
+    assert seen_at_ready == {"serving": True, "outcome": "succeeded", "journal": False}
+    assert sandbox.binary.read_bytes() == new
+    before_ready = [
+        line
+        for item in notify_socket.notifications()
+        if item.at < ready
+        for line in item.lines
+        if line.startswith("STATUS=")
+    ]
+    assert any(journal["id"] in line and "restarting" in line for line in before_ready), (
+        before_ready
+    )
+    # The pings start before READY=1: the recovery is watched as well.
+    assert pings_between(notify_socket, started, ready) >= 1
+
+    wait_past(ready + 2.0)
+    assert 6 <= pings_between(notify_socket, ready, ready + 2.0) <= 14
+
+    armed = daemon.arm({"version": "3.0"})
+    sandbox.stage("3.0")
+    daemon.wait_outcome(armed.document["id"])
+    wait_for(lambda: status_lines(notify_socket)[-1].startswith("idle"), 5, "an idle STATUS")
+
+    statuses = status_lines(notify_socket)
+    after_ready = statuses[statuses.index(next(s for s in statuses if s.startswith("idle"))) :]
+    assert after_ready[0].startswith("idle; watching")
+    assert after_ready[1].startswith("armed until") and armed.document["id"] in after_ready[1]
+    deploying = [line for line in after_ready if line.startswith("deploying")]
+    steps = [line.rsplit(": ", 1)[1] for line in deploying]
+    assert steps == ["verifying", "snapshotting", "swapping", "restarting", "checking"], statuses
+    assert all(armed.document["id"] in line for line in deploying)
+    assert all(first != second for first, second in itertools.pairwise(statuses))
+    every_line = [line for item in notify_socket.notifications() for line in item.lines]
+    assert all(re.fullmatch(r"[A-Z_]+=.*", line) for line in every_line), every_line
+    assert notify_socket.times("READY=1") == [ready]
+
+    sent = time.monotonic()
+    seconds = daemon.stop(signal.SIGTERM)
+
+    assert seconds < 5
+    assert daemon.process is not None and daemon.process.returncode == 0
+    stopping = notify_socket.wait_for_line("STOPPING=1", after=sent, timeout=1)
+    assert stopping <= sent + seconds
+
+
+def test_no_pings_unless_the_watchdog_is_meant_for_this_process(
+    daemon_sandbox: MakeSandbox, notify_socket: NotifySocket
+) -> None:
+    _, daemon = daemon_sandbox(install=False)
+    daemon.start({**notify_socket.environment, **WATCHDOG, "WATCHDOG_PID": "1"})
+    ready = notify_socket.wait_for_line("READY=1")
+    wait_past(ready + 1.0)
+    daemon.stop()
+
+    assert notify_socket.times("WATCHDOG=1") == []
+    assert notify_socket.times("STOPPING=1")
+
+
+def test_pings_stop_while_a_rollback_hangs_on_its_health_url_and_the_next_start_ends_it(
+    daemon_sandbox: MakeSandbox, notify_socket: NotifySocket, health_stand_in: HealthStandIn
+) -> None:
+    # The health URL trickles forever while the service answers, and says 503 while it does
+    # not. The release exits at once, so the URL says 503 and it is rolled back after 1.5 s;
+    # the rollback's probe of the old release, which answers, then hangs on the URL: the
+    # step makes no progress and its heartbeat stays silent past its allowance of
+    # restart_timeout_seconds + health.timeout_seconds = 3.5 s.
+    sandbox, daemon = daemon_sandbox(
+        health__url=health_stand_in.url,
+        health__timeout_seconds=1.5,
+        service__restart_timeout_seconds=2,
+    )
+    old = sandbox.binary.read_bytes()
+    health_stand_in.mode = "trickle"
+    health_stand_in.gate = lambda: sandbox.served_version() is not None
+    environment = {**notify_socket.environment, **WATCHDOG}
+    daemon.start(environment)
+    notify_socket.wait_for_line("READY=1")
+    armed = daemon.arm()
+    sandbox.stage("2.0", "exit")
+
+    wait_for(lambda: health_stand_in.trickling, 20, "the rollback's probe to hang")
+    hung = time.monotonic()
+    assert daemon.state() == "rolling_back"
+    daemon.wait_for_log("No progress from deploy step rolling_back", timeout=10)
+    withheld = time.monotonic()
+
+    assert withheld - hung > 2.5, "the pings stopped before the step's allowance ran out"
+    assert pings_between(notify_socket, hung, hung + 2.0) >= 5
+    wait_past(withheld + 1.5)
+    assert pings_between(notify_socket, withheld, withheld + 1.5) == 0
+    assert daemon.running() and daemon.serving(), "the agent itself is alive; the step is not"
+    record = daemon.record(armed.document["id"])
+    assert record is not None and (record["state"], record["outcome"]) == ("rolling_back", None)
+
+    # What systemd does when the pings stop (WatchdogSec=): kill the agent and start it again.
+    daemon.kill()
+    health_stand_in.mode = "healthy"
+    health_stand_in.gate = None
+    daemon.start(environment)
+    daemon.wait_serving(timeout=20)
+
+    record = daemon.record(armed.document["id"])
+    assert record is not None and record["outcome"] == "rolled_back", record
+    assert sandbox.binary.read_bytes() == old
+    assert sandbox.served_version() == "1.0"
+    second_ready = notify_socket.times("READY=1")[-1]
+    wait_past(second_ready + 1.0)
+    assert pings_between(notify_socket, second_ready, second_ready + 1.0) >= 3
+
+
+def test_a_restart_command_that_hangs_is_killed_at_its_timeout_while_the_pings_go_on(
+    daemon_sandbox: MakeSandbox, notify_socket: NotifySocket
+) -> None:
+    sandbox, daemon = daemon_sandbox(health__timeout_seconds=3)
+    old = sandbox.binary.read_bytes()
+    marker = sandbox.root / "restart-hung-once"
+    # The first restart hangs (like a stop that never returns); later ones work.
+    hangs_once = ["sh", "-c", 'if [ ! -e "$0" ]; then : > "$0"; exec sleep 30; fi; exec "$@"']
+    sandbox.write_config(
+        health__stable_seconds=0.3,
+        health__timeout_seconds=3,
+        service__restart=[*hangs_once, str(marker), *sandbox.control("restart")],
+        service__restart_timeout_seconds=1.5,
+    )
+    daemon.start({**notify_socket.environment, **WATCHDOG})
+    notify_socket.wait_for_line("READY=1")
+    armed = daemon.arm()
+    sandbox.stage("2.0")
+
+    record = daemon.wait_outcome(armed.document["id"], timeout=30)
+
+    assert record["outcome"] == "rolled_back", record
+    assert "did not finish within 1.5 s and was killed" in record["reason"]
+    assert sandbox.binary.read_bytes() == old
+    assert sandbox.served_version() == "1.0"
+    status_times = {line: item.at for item in notify_socket.notifications() for line in item.lines}
+    restarting = status_times[f"STATUS=deploying {armed.document['id']}: restarting"]
+    rolling_back = status_times[f"STATUS=deploying {armed.document['id']}: rolling_back"]
+    assert rolling_back - restarting >= 1.5
+    assert pings_between(notify_socket, restarting, rolling_back) >= 4
+    assert "No progress from" not in daemon.log()
+
+
+def test_status_lines_are_utf_8_whatever_the_staging_folder_is_called(
+    daemon_sandbox: MakeSandbox, notify_socket: NotifySocket, tmp_path: Path
+) -> None:
+    staging = tmp_path / "Übergabe-部署"
+    staging.mkdir()
+    _, daemon = daemon_sandbox(install=False, staging__dir=str(staging))
+    daemon.start(notify_socket.environment)
+    notify_socket.wait_for_line("READY=1")
+
+    wait_for(lambda: f"STATUS=idle; watching {staging}" in notify_socket.lines(), 5, "STATUS")
