@@ -12,10 +12,13 @@ worker thread so that signals and the webhook stay responsive while one runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
+import select
 import signal
+import socket
 import threading
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -38,16 +41,57 @@ from stagewatch.webhook import WebhookServer
 log = logging.getLogger(__name__)
 
 EXIT_OK = 0
-EXIT_CONFIG = 2
-
-# A SIGTERM must end the agent within 5 s (CONTRACT.md); the parts get this long to close.
-_SHUTDOWN_SECONDS = 3.0
 
 
 @dataclass(frozen=True)
 class _Event:
-    kind: str  # "armed", "settled", "deploy-finished", "reload", "stop"
+    # "recovered", "armed", "settled", "step", "deploy-finished", "reload" or "stop"
+    kind: str
     payload: Any = None
+
+
+class _Inbox:
+    """The coordinator's queue, and a wake-up of the main thread that signals reach as well.
+
+    The kernel delivers a signal to any one thread that does not block it (signal(7)), while
+    Python runs its handler on the main thread only, once that thread runs Python code again:
+    a main thread asleep on a lock sleeps on until some other event arrives, and a SIGTERM
+    could wait for the end of a deploy. So the main thread waits in poll(2) on a socket that
+    `put()` writes to and that Python's own C-level handler writes to as well
+    (signal.set_wakeup_fd). SimpleQueue is used because its put() is reentrant: a handler
+    may run while the main thread is inside the queue.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[_Event] = queue.SimpleQueue()
+        self._reader, self._writer = socket.socketpair()
+        self._reader.setblocking(False)
+        self._writer.setblocking(False)
+        self._poll = select.poll()
+        self._poll.register(self._reader, select.POLLIN)
+
+    @property
+    def wakeup_fd(self) -> int:
+        return self._writer.fileno()
+
+    def put(self, event: _Event) -> None:
+        self._queue.put(event)
+        # A full socket already holds a wake-up that the main thread has yet to read.
+        with contextlib.suppress(BlockingIOError):
+            self._writer.send(b"\0")
+
+    def get(self, timeout: float | None) -> _Event | None:
+        """The next event; None when `timeout` passed, or the main thread woke without one."""
+        with contextlib.suppress(queue.Empty):
+            return self._queue.get_nowait()
+
+        self._poll.poll(None if timeout is None else timeout * 1000)
+        with contextlib.suppress(BlockingIOError):
+            while self._reader.recv(4096):
+                pass
+        with contextlib.suppress(queue.Empty):
+            return self._queue.get_nowait()
+        return None
 
 
 class Coordinator:
@@ -58,19 +102,22 @@ class Coordinator:
         self.secret = secret
         self.heartbeats = Heartbeats()
         self.notifier = Notifier(self.heartbeats)
-        self.engine = Engine(config, heartbeats=self.heartbeats, on_state=self._on_engine_state)
-        self.events: queue.Queue[_Event] = queue.Queue()
+        self.engine = self._new_engine(config)
+        self.events = _Inbox()
 
-        # Read by the webhook's thread, written under the lock by the main thread only.
+        # Read by other threads, written under the lock: the arm and the deploy by the main
+        # thread, the step and the attempt by the engine's callback.
         self._lock = threading.Lock()
         self._arm: Arm | None = None
         self._deploying: str | None = None
         self._step: str | None = None
+        self._attempt: str | None = None
 
         self._worker: threading.Thread | None = None
         self._serving = False
+        self._reload_pending = False
         self._last_deployed: StagedPair | None = None
-        self._waiting_logged: StagedPair | None = None
+        self._waiting_logged = False
         self.watcher = StagingWatcher(config.staging, self._on_settled, self.heartbeats)
         self.webhook = WebhookServer(config.webhook, secret, self, self.heartbeats)
 
@@ -133,6 +180,13 @@ class Coordinator:
             self._shut_down()
         return EXIT_OK
 
+    def handle_signals(self) -> None:
+        """Turn SIGTERM and SIGINT into a stop, SIGHUP into a reload; call on the main thread."""
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGHUP, self.request_reload)
+        signal.set_wakeup_fd(self.events.wakeup_fd, warn_on_full_buffer=False)
+
     def _start_serving(self) -> None:
         self._worker = None
         self.watcher.start()
@@ -151,41 +205,52 @@ class Coordinator:
         self.notifier.ready()
         self.watcher.rescan()
 
+        if self._reload_pending:
+            self._reload_pending = False
+            self._reload()
+
     def _loop(self) -> None:
         while True:
-            event = self._next_event()
-            if event is None:
-                self._expire_arm()
-            elif event.kind == "stop":
+            event = self.events.get(self._seconds_to_expiry())
+            if event is not None and event.kind == "stop":
                 return
-            elif event.kind == "recovered":
-                self._start_serving()
-            elif not self._serving:
-                continue
-            elif event.kind == "reload":
-                self._reload()
-            elif event.kind == "deploy-finished":
-                self._deploy_finished(event.payload)
-            elif event.kind in ("armed", "settled"):
-                if event.kind == "armed":
-                    self.watcher.rescan()
-                self._maybe_start_deploy()
+
+            # Every turn, not only when the wait ran out: a busy queue must not postpone the
+            # expiry, and an arm past its deadline must not start a deploy.
+            self._expire_arm()
+            if event is not None:
+                self._handle(event)
             self._announce()
+
+    def _handle(self, event: _Event) -> None:
+        if event.kind == "recovered":
+            self._start_serving()
+        elif event.kind == "reload" and not self._serving:
+            log.info("SIGHUP received during the recovery; reloading once it is done")
+            self._reload_pending = True
+        elif not self._serving or event.kind == "step":
+            return  # the announcement after each event is all a step change needs
+        elif event.kind == "reload":
+            self._reload()
+        elif event.kind == "deploy-finished":
+            self._deploy_finished(event.payload)
+        elif event.kind == "armed":
+            self._waiting_logged = False
+            self.watcher.rescan()
+            self._maybe_start_deploy()
+        elif event.kind == "settled":
+            self._maybe_start_deploy()
 
     def worker_alive(self) -> bool:
         return self._worker is not None and self._worker.is_alive()
 
-    def _next_event(self) -> _Event | None:
-        """The next event, or None when the arm's deadline passed. Idle means blocked."""
-        timeout = None
+    def _seconds_to_expiry(self) -> float | None:
+        """How long the main thread may wait: until the arm's deadline; idle means blocked."""
         with self._lock:
-            if self._arm is not None and self._deploying is None:
-                deadline = datetime.fromisoformat(self._arm.armed_until.replace("Z", "+00:00"))
-                timeout = max(0.0, (deadline - datetime.now(UTC)).total_seconds())
-        try:
-            return self.events.get(timeout=timeout)
-        except queue.Empty:
-            return None
+            if self._arm is None or self._deploying is not None:
+                return None
+            deadline = datetime.fromisoformat(self._arm.armed_until.replace("Z", "+00:00"))
+        return max(0.0, (deadline - datetime.now(UTC)).total_seconds())
 
     def _maybe_start_deploy(self) -> None:
         if self._deploying is not None:
@@ -196,9 +261,10 @@ class Coordinator:
             return
 
         if self._arm is None and self.config.staging.require_arm:
-            if pair != self._waiting_logged:
+            # Once per wait, however many pushes come before the arm; the watcher logs each.
+            if not self._waiting_logged:
                 log.info("A complete release is staged; waiting for the webhook to arm a deploy")
-                self._waiting_logged = pair
+                self._waiting_logged = True
             return
 
         # Without an arm, a pair left staged (a deploy refused by a host fault leaves it there)
@@ -222,6 +288,7 @@ class Coordinator:
             self._deploying, self._step = deploy_id, "verifying"
         write_arm(self.config, None)
         self._last_deployed = pair
+        self._waiting_logged = False
 
         self._worker = threading.Thread(
             target=self._deploy_in_worker, args=(request,), name=f"deploy {deploy_id}", daemon=True
@@ -239,27 +306,33 @@ class Coordinator:
         except StagewatchError as error:
             with deploy_context(request.id or "-"):
                 log.error("Deploy stopped: %s", error)
-        except Exception:
+            self._record_not_started(request, str(error))
+        except Exception as error:
             # An unexpected error must not kill the daemon silently: the journal keeps the
             # attempt, and the next start settles it.
             log.exception("Deploy %s crashed; the journal keeps it for the next start", request.id)
+            self._record_not_started(request, f"the deploy failed unexpectedly: {error}")
         finally:
             self.events.put(_Event("deploy-finished", outcome))
 
     def _deploy_finished(self, outcome: str | None) -> None:
         with self._lock:
-            finished_id, self._deploying, self._step = self._deploying, None, None
+            finished_id, self._deploying = self._deploying, None
         if self._worker is not None:
             self._worker.join()
+            self._worker = None
         log.info("Deploy %s ended: %s; back to watching", finished_id, outcome or "not run")
+
+        if self.engine.config != self.config:
+            # A reload during the deploy left the engine on the old configuration until now.
+            self.engine = self._new_engine(self.config)
 
         # With require_arm = false, a pair that arrived during the deploy goes next.
         self._maybe_start_deploy()
 
     def _record_not_started(self, request: DeployRequest, reason: str) -> None:
-        if request.id is None or self.engine.history.get(request.id) is None:
-            return
-        record = self.engine.history.get(request.id)
+        """An armed record whose deploy never ran a step: refused, nothing having changed."""
+        record = self.engine.history.get(request.id) if request.id is not None else None
         if record is not None and record.outcome is None and record.state == "armed":
             record.state, record.outcome, record.reason = "finished", "rejected", reason
             record.finished_at = utc_now()
@@ -313,7 +386,8 @@ class Coordinator:
             write_arm(self.config, None)
             self._finish_unstarted(arm.id, "expired", self._expiry_reason())
             arm = None
-        self._arm = arm
+        with self._lock:
+            self._arm = arm
 
         for record in self.engine.history.unfinished():
             if arm is not None and record.id == arm.id:
@@ -324,11 +398,23 @@ class Coordinator:
             )
 
     def _reload(self) -> None:
-        """SIGHUP: the new configuration and secret, or the old ones if the new are invalid."""
+        """SIGHUP: the new configuration and secret, or the old ones if the new are invalid.
+
+        All or nothing: the webhook takes the new settings first (it raises ConfigError
+        keeping its old ones, for an address that cannot be bound or a certificate that cannot
+        be loaded), then the watcher moves if the staging settings changed. A running deploy
+        finishes with the configuration it started with.
+        """
         self.notifier.reloading()
         try:
             config = load_config(self.config.source or Path())
             secret = read_secret(config)
+            self.webhook.reload(config.webhook, secret)
+            try:
+                self._follow_staging(config)
+            except ConfigError:
+                self.webhook.reload(self.config.webhook, self.secret)
+                raise
         except ConfigError as error:
             log.error("Reload refused, keeping the running configuration: %s", error)
             self.notifier.ready()
@@ -336,17 +422,30 @@ class Coordinator:
 
         if self._deploying is not None and config != self.config:
             log.warning("Configuration reloaded; the running deploy finishes with the old one")
-
-        if config.staging != self.config.staging:
-            self.watcher.stop()
-            self.watcher = StagingWatcher(config.staging, self._on_settled, self.heartbeats)
-            self.watcher.start()
-        self.webhook.reload(config.webhook, secret)
         self.config, self.secret = config, secret
         if self._deploying is None:
-            self.engine = Engine(config, heartbeats=self.heartbeats, on_state=self._on_engine_state)
+            self.engine = self._new_engine(config)
         log.info("Configuration and secret reloaded from %s", config.source)
         self.notifier.ready()
+
+    def _follow_staging(self, config: Config) -> None:
+        """Watch the staging settings of `config`; raise ConfigError still watching the old."""
+        if config.staging == self.config.staging:
+            return
+
+        self.watcher.stop()
+        watcher = StagingWatcher(config.staging, self._on_settled, self.heartbeats)
+        try:
+            watcher.start()
+        except ConfigError:
+            watcher.stop()
+            self.watcher = StagingWatcher(self.config.staging, self._on_settled, self.heartbeats)
+            self.watcher.start()
+            raise
+        self.watcher = watcher
+
+    def _new_engine(self, config: Config) -> Engine:
+        return Engine(config, heartbeats=self.heartbeats, on_state=self._on_engine_state)
 
     def _shut_down(self) -> None:
         self.notifier.stopping()
@@ -356,10 +455,17 @@ class Coordinator:
         self.notifier.stop_pinger()
         if self.worker_alive():
             # The journal holds the deploy; the next start finishes or undoes it.
+            with self._lock:
+                deploying, attempt, step = self._deploying, self._attempt, self._step
+            what = (
+                f"deploy {deploying}"
+                if deploying
+                else f"the recovery of {attempt or 'the journal'}"
+            )
             log.warning(
-                "Stopping during deploy %s (step %s); it resumes at the next start",
-                self._deploying,
-                self._step,
+                "Stopping during %s (step %s); it resumes at the next start",
+                what,
+                step or "none yet",
             )
         log.info("stagewatch stopped")
 
@@ -369,10 +475,11 @@ class Coordinator:
         self.events.put(_Event("settled", pair))
 
     def _on_engine_state(self, step: str, attempt_id: str | None) -> None:
-        with self._lock:
-            if self._deploying is not None:
-                self._step = step
-        self._announce()
+        # "idle" comes as the attempt ends; its last step stands until the main thread hears.
+        if step != "idle":
+            with self._lock:
+                self._step, self._attempt = step, attempt_id
+        self.events.put(_Event("step"))
 
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
         self.events.put(_Event("stop"))
@@ -390,9 +497,15 @@ class Coordinator:
 
     def _announce(self) -> None:
         with self._lock:
-            deploying, step, arm = self._deploying, self._step, self._arm
+            deploying, step, arm, attempt = self._deploying, self._step, self._arm, self._attempt
         if deploying is not None:
             line = f"deploying {deploying}: {step}"
+        elif not self._serving:
+            line = (
+                f"recovering {attempt}: {step}"
+                if attempt is not None
+                else "settling what the last run left, if anything"
+            )
         elif arm is not None:
             line = f"armed until {arm.armed_until} ({arm.id}); waiting for a complete release"
         else:
@@ -406,9 +519,7 @@ def run_daemon(config_path: Path) -> int:
     secret = read_secret(config)
     coordinator = Coordinator(config, secret)
 
-    signal.signal(signal.SIGTERM, coordinator.request_stop)
-    signal.signal(signal.SIGINT, coordinator.request_stop)
-    signal.signal(signal.SIGHUP, coordinator.request_reload)
+    coordinator.handle_signals()
     code = coordinator.run()
     if coordinator.worker_alive():
         # A deploy or recovery is mid-step: end now rather than wait for it. The journal

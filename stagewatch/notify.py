@@ -5,26 +5,34 @@ runs the same way in a terminal. The pinger sends `WATCHDOG=1` every half of
 `$WATCHDOG_USEC`, and only while every heartbeat is fresh: when a part hangs, the pings stop,
 systemd kills the agent after `WatchdogSec=`, and the journal settles the deploy at the next
 start (systemd.service(5), "WatchdogSec=").
+
+The protocol is one datagram of newline-separated `KEY=value` lines, UTF-8, sent to the
+AF_UNIX socket named by `$NOTIFY_SOCKET`, a leading "@" naming the abstract namespace
+(unix(7)). It is spoken here directly: a STATUS= line naming a folder is as likely to hold
+non-ASCII characters as the folder's name.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
-
-import sdnotify
+import time
 
 from stagewatch.heartbeat import Heartbeats
 
 log = logging.getLogger(__name__)
+
+SEND_TIMEOUT_SECONDS = 1.0
 
 
 class Notifier:
     """READY=1, STATUS=, RELOADING=1, STOPPING=1 and the WATCHDOG=1 pings."""
 
     def __init__(self, heartbeats: Heartbeats) -> None:
-        self._notifier = sdnotify.SystemdNotifier()
+        self._socket = _connect(os.environ.get("NOTIFY_SOCKET", ""))
+        self._send_failed = False
         self._heartbeats = heartbeats
         self._stop = threading.Event()
         self._last_status = ""
@@ -32,13 +40,26 @@ class Notifier:
         self.watchdog_interval_seconds = _watchdog_interval()
 
     def send(self, message: str) -> None:
-        self._notifier.notify(message)
+        if self._socket is None:
+            return
+
+        try:
+            self._socket.send(message.encode())
+        except OSError as error:
+            # Once is enough: the pinger would repeat it every few seconds.
+            if not self._send_failed:
+                log.warning("Cannot notify systemd (%s): %s", message, error.strerror or error)
+            self._send_failed = True
+        else:
+            self._send_failed = False
 
     def ready(self) -> None:
         self.send("READY=1")
 
     def reloading(self) -> None:
-        self.send("RELOADING=1")
+        # MONOTONIC_USEC lets systemd tell this reload from one it asked for earlier
+        # (sd_notify(3), required with Type=notify-reload).
+        self.send(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
 
     def stopping(self) -> None:
         self.send("STOPPING=1")
@@ -84,6 +105,26 @@ class Notifier:
                     ", ".join(stalled),
                 )
                 reported = stalled
+
+
+def _connect(address: str) -> socket.socket | None:
+    """A datagram socket connected to `address`; None when there is none or it is unreachable."""
+    if not address:
+        return None
+
+    target = "\0" + address[1:] if address.startswith("@") else address
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    # A datagram waits while systemd's queue is full; the agent must not wait on it for long.
+    connection.settimeout(SEND_TIMEOUT_SECONDS)
+    try:
+        connection.connect(target)
+    except OSError as error:
+        connection.close()
+        # systemd waits for READY=1 in vain now; say why before its start timeout does.
+        log.error("Cannot reach systemd's notify socket %s: %s", address, error.strerror)
+        return None
+
+    return connection
 
 
 def _watchdog_interval() -> float | None:
