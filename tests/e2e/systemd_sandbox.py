@@ -46,6 +46,22 @@ STATE_DIR = "/var/lib/stagewatch"
 SNAPSHOT_DIR = f"{STATE_DIR}/snapshots"
 RELEASES_DIR = "/srv/releases"
 
+# What the suite runs, inside the sandbox or as the build machine (Debian packages systemd,
+# util-linux, dbus, polkitd, openssh-server, openssh-client, curl, sqlite3, python3-venv).
+REQUIRED_PROGRAMS = (
+    "/lib/systemd/systemd",
+    "/usr/bin/unshare",
+    "/usr/bin/nsenter",
+    "/usr/sbin/pivot_root",
+    "/usr/bin/dbus-daemon",
+    "/usr/lib/polkit-1/polkitd",
+    "/usr/sbin/sshd",
+    "/usr/bin/scp",
+    "/usr/bin/curl",
+    "/usr/bin/sqlite3",
+    "/usr/bin/python3",
+)
+
 Value = TypeVar("Value")
 
 
@@ -72,11 +88,11 @@ def free_port() -> int:
 
 
 def require_root() -> None:
-    """Skip (fail under CI=true) unless this process is root and systemd 252 is installed."""
+    """Skip (fail under CI=true) unless this process is root and every program is installed."""
     problems = []
     if os.geteuid() != 0:
         problems.append("they need root (they boot systemd in a private overlay)")
-    for program in ("/lib/systemd/systemd", "/usr/bin/unshare", "/usr/bin/nsenter", "/usr/bin/scp"):
+    for program in REQUIRED_PROGRAMS:
         if not Path(program).exists():
             problems.append(f"{program} is missing")
 
@@ -172,6 +188,11 @@ class SystemdSandbox:
         if self.pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
+        # Also whatever a boot that failed half-way left running, the launcher included:
+        # writing 1 to cgroup.kill kills every process of the subtree (cgroups(7)).
+        kill_switch = self.cgroup / "cgroup.kill"
+        if kill_switch.exists():
+            kill_switch.write_text("1")
         if self._launcher is not None:
             self._launcher.wait(timeout=30)
         wait_for(self._remove_cgroups, 30, f"the processes of {self.cgroup} to go")
@@ -428,11 +449,6 @@ class Production:
         output = self.sandbox.run(STAGEWATCH, "history", "--json").stdout
         records: list[dict[str, Any]] = json.loads(output)
         return records
-
-    def status(self) -> dict[str, Any]:
-        output = self.sandbox.run(STAGEWATCH, "status", "--json").stdout
-        document: dict[str, Any] = json.loads(output)
-        return document
 
     def serving_version(self) -> str | None:
         """The version the running dealspace answers on /healthz, None when it does not."""

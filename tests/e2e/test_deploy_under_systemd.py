@@ -46,6 +46,8 @@ INFO, WARNING = 6, 4  # syslog priorities, as journald records them in PRIORITY
 
 def test_installer_makes_the_users_folders_and_a_private_secret(production: Production) -> None:
     sandbox = production.sandbox
+    for step in ("made the system user stagewatch", "made the venv", "generated the webhook"):
+        assert step in production.install_output, production.install_output
 
     for user in ("stagewatch", "deploy"):
         entry = sandbox.run("getent", "passwd", user).stdout.strip()
@@ -98,6 +100,7 @@ def test_installer_run_again_keeps_configuration_secret_and_keys(production: Pro
     again = sandbox.run("sh", f"{CHECKOUT}/packaging/install.sh", timeout=300)
 
     assert "kept the configuration" in again.stdout
+    assert "configuration is valid" in again.stdout, again.stdout + again.stderr
     assert "generated the webhook secret" not in again.stdout
     assert {path: _digest(production, path) for path in kept} == kept
     assert sandbox.show("stagewatch.service", "ActiveState") == {"ActiveState": "active"}
@@ -279,6 +282,7 @@ def test_frozen_agent_is_killed_by_the_watchdog_and_the_deploy_finished(
         _reconfigure(production, stable_seconds=2)
 
     assert record["outcome"] == "succeeded", record
+    assert production.history()[0]["id"] == armed["id"]
     assert production.installed_sha256() == production.sha256("5.0.0")
     assert production.serving_version() == "5.0.0"
     manager = [
