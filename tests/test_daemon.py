@@ -362,3 +362,19 @@ def test_a_deploy_refused_before_its_first_step_is_recorded_as_rejected(
     assert (record["state"], record["outcome"]) == ("finished", "rejected")
     assert "journal" in record["reason"]
     assert sandbox.binary.read_bytes() == old
+
+
+def test_under_journald_a_traceback_keeps_the_priority_on_every_line(
+    daemon_sandbox: MakeSandbox,
+) -> None:
+    # A folder where the journal should be: reading it fails in a way nobody planned for.
+    sandbox, daemon = daemon_sandbox(install=False)
+    (sandbox.state / "journal.json").mkdir(parents=True)
+    daemon.start({"JOURNAL_STREAM": "8:1234"})
+    daemon.wait_serving()
+    daemon.stop()
+
+    lines = daemon.log().splitlines()
+    assert any("Could not settle the interrupted deploy" in line for line in lines), lines
+    unprefixed = [line for line in lines if not re.match(r"<[0-7]>", line)]
+    assert not unprefixed, lines
