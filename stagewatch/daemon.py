@@ -366,6 +366,10 @@ class Coordinator:
             self._recover()
         except StagewatchError as error:
             log.error("Could not settle the interrupted deploy: %s", error)
+        except Exception:
+            # Through the log, not the thread's last words on bare stderr: under journald the
+            # lines need their priority. The agent serves on; each deploy tries again first.
+            log.exception("Could not settle the interrupted deploy")
         finally:
             self.events.put(_Event("recovered"))
 
