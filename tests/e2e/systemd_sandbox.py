@@ -33,8 +33,9 @@ BOOT_SCRIPT = Path(__file__).with_name("boot_systemd.sh")
 SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 BOOT_SECONDS = 30.0
 
-VENV_PYTHON = "/opt/stagewatch/venv/bin/python"
-STAGEWATCH = "/opt/stagewatch/venv/bin/stagewatch"
+VENV = "/opt/stagewatch/venv"
+VENV_PYTHON = f"{VENV}/bin/python"
+STAGEWATCH = f"{VENV}/bin/stagewatch"
 CONFIG = "/etc/stagewatch/stagewatch.toml"
 SECRET = "/etc/stagewatch/webhook-secret"
 DEPLOY_KEYS = "/etc/stagewatch/deploy_authorized_keys"

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import urllib.request
 import uuid
 from datetime import UTC, datetime
@@ -29,6 +30,7 @@ from systemd_sandbox import (
     STAGEWATCH,
     STAGING,
     STATE_DIR,
+    VENV,
     Production,
     e2e_configuration,
     wait_for,
@@ -92,12 +94,15 @@ def test_agent_runs_as_stagewatch_with_the_secret_as_a_credential(production: Pr
     assert b"CREDENTIALS_DIRECTORY=/run/credentials/stagewatch.service" in environment
 
 
-def test_installer_run_again_keeps_configuration_secret_and_keys(production: Production) -> None:
+def test_installer_run_again_from_a_wheel_keeps_configuration_secret_and_keys(
+    production: Production,
+) -> None:
     sandbox = production.sandbox
     kept = {path: _digest(production, path) for path in (CONFIG, SECRET, DEPLOY_KEYS)}
     agent_before = sandbox.main_pid("stagewatch.service")
+    wheel = _build_wheel(production)
 
-    again = sandbox.run("sh", f"{CHECKOUT}/packaging/install.sh", timeout=300)
+    again = sandbox.run("sh", f"{CHECKOUT}/packaging/install.sh", wheel, timeout=300)
 
     assert "kept the configuration" in again.stdout
     assert "configuration is valid" in again.stdout, again.stdout + again.stderr
@@ -320,6 +325,32 @@ def test_snapshot_restored_by_root_leaves_the_agent_able_to_deploy(
     armed = production.arm({"version": "6.0.0"})
     record = wait_for(lambda: production.finished(armed["id"]), DEPLOY_SECONDS, "the deploy")
     assert record["outcome"] == "succeeded", record
+
+
+def _build_wheel(production: Production) -> str:
+    """A wheel of this checkout, built inside the sandbox, with constraints.txt beside it."""
+    sandbox = production.sandbox
+    source, wheels = "/srv/wheel-source", "/srv/wheels"
+    shutil.copytree(
+        CHECKOUT,
+        sandbox.path(source),
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "*.egg-info", "build", "__pycache__", ".*_cache", ".hypothesis"
+        ),
+    )
+    sandbox.run(
+        f"{VENV}/bin/pip",
+        "wheel",
+        "--quiet",
+        "--no-deps",
+        "--wheel-dir",
+        wheels,
+        source,
+        timeout=300,
+    )
+    shutil.copy(CHECKOUT / "constraints.txt", sandbox.path(wheels))
+    (built,) = sandbox.path(wheels).glob("stagewatch-*.whl")
+    return f"{wheels}/{built.name}"
 
 
 def _serving(production: Production) -> str:
