@@ -55,8 +55,6 @@ SYSTEMD_VARIABLES = (
     "STAGEWATCH_CONFIG",
 )
 
-DECIDED_OUTCOMES = {"succeeded", "rolled_back", "failed", "rejected", "expired"}
-
 # What the sandbox's secret file holds, unless a test changes it.
 _DEFAULT = object()
 
@@ -111,12 +109,6 @@ class Daemon:
     def log(self) -> str:
         """What the current (or last) run wrote to stderr so far."""
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def all_logs(self) -> str:
-        return "".join(
-            (self.sandbox.root / f"daemon-{number}.log").read_text(errors="replace")
-            for number in range(1, self.starts + 1)
-        )
 
     def wait_for_log(self, text: str, timeout: float = 10.0) -> None:
         wait_for(lambda: text in self.log(), timeout, f"{text!r} in the daemon's log")

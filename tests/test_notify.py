@@ -30,7 +30,6 @@ from sandbox import Sandbox, wait_for
 MakeSandbox = Callable[..., tuple[Sandbox, Daemon]]
 
 WATCHDOG = {"WATCHDOG_USEC": "400000"}
-PING_SECONDS = 0.2
 
 
 def outcome_in_history(sandbox: Sandbox, attempt_id: str) -> str | None:
