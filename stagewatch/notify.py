@@ -6,19 +6,20 @@ runs the same way in a terminal. The pinger sends `WATCHDOG=1` every half of
 systemd kills the agent after `WatchdogSec=`, and the journal settles the deploy at the next
 start (systemd.service(5), "WatchdogSec=").
 
-The protocol is one datagram of newline-separated `KEY=value` lines, UTF-8, sent to the
-AF_UNIX socket named by `$NOTIFY_SOCKET`, a leading "@" naming the abstract namespace
-(unix(7)). It is spoken here directly: a STATUS= line naming a folder is as likely to hold
-non-ASCII characters as the folder's name.
+The datagrams go through `sdnotify`, which connects to `$NOTIFY_SOCKET` (an "@" naming the
+abstract namespace, unix(7)) and encodes Latin-1, while systemd reads UTF-8: so every message
+is sent as ASCII, a character beyond it (a folder's name in a STATUS= line may hold any) written
+as a backslash escape, which reads the same in both.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
+
+import sdnotify
 
 from stagewatch.heartbeat import Heartbeats
 
@@ -31,7 +32,7 @@ class Notifier:
     """READY=1, STATUS=, RELOADING=1, STOPPING=1 and the WATCHDOG=1 pings."""
 
     def __init__(self, heartbeats: Heartbeats) -> None:
-        self._socket = _connect(os.environ.get("NOTIFY_SOCKET", ""))
+        self._notifier = _connect(os.environ.get("NOTIFY_SOCKET", ""))
         self._send_failed = False
         self._heartbeats = heartbeats
         self._stop = threading.Event()
@@ -40,11 +41,11 @@ class Notifier:
         self.watchdog_interval_seconds = _watchdog_interval()
 
     def send(self, message: str) -> None:
-        if self._socket is None:
+        if self._notifier is None:
             return
 
         try:
-            self._socket.send(message.encode())
+            self._notifier.notify(message.encode("ascii", "backslashreplace").decode("ascii"))
         except OSError as error:
             # Once is enough: the pinger would repeat it every few seconds.
             if not self._send_failed:
@@ -107,24 +108,22 @@ class Notifier:
                 reported = stalled
 
 
-def _connect(address: str) -> socket.socket | None:
-    """A datagram socket connected to `address`; None when there is none or it is unreachable."""
+def _connect(address: str) -> sdnotify.SystemdNotifier | None:
+    """A notifier connected to `address`; None when there is none or it is unreachable."""
     if not address:
         return None
 
-    target = "\0" + address[1:] if address.startswith("@") else address
-    connection = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    # A datagram waits while systemd's queue is full; the agent must not wait on it for long.
-    connection.settimeout(SEND_TIMEOUT_SECONDS)
     try:
-        connection.connect(target)
+        # debug=True: sdnotify then raises what went wrong instead of swallowing it.
+        notifier = sdnotify.SystemdNotifier(debug=True)
     except OSError as error:
-        connection.close()
         # systemd waits for READY=1 in vain now; say why before its start timeout does.
         log.error("Cannot reach systemd's notify socket %s: %s", address, error.strerror)
         return None
 
-    return connection
+    # A datagram waits while systemd's queue is full; the agent must not wait on it for long.
+    notifier.socket.settimeout(SEND_TIMEOUT_SECONDS)
+    return notifier
 
 
 def _watchdog_interval() -> float | None:
