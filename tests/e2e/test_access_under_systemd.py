@@ -1,8 +1,8 @@
 """What the packaging lets each account do, tried for real: polkit for stagewatch, sshd for deploy.
 
-The agent's user may start, stop and restart dealspace.service and nothing else; the build
-machine's key may upload into staging over SFTP and nothing else: no shell, no terminal, no
-forwarding, no file outside staging.
+The agent's user may start, stop, restart and reset dealspace.service and nothing else; the
+build machine's key may upload into staging over SFTP and nothing else: no shell, no
+terminal, no forwarding, no file outside staging.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def test_stagewatch_may_restart_stop_start_and_reset_dealspace(production: Produ
     [
         ("restart", "e2e-other.service"),
         ("stop", "e2e-other.service"),
+        ("reset-failed", "e2e-other.service"),
         ("stop", "stagewatch.service"),
         ("restart", "e2e-sshd.service"),
         ("kill", "dealspace.service"),
