@@ -124,6 +124,7 @@ class Host:
         self.daemon = Daemon(self.sandbox, root / "daemon.log")
         self.command_log = root / "deploy-commands.log"
         self._releases = 0
+        self._judged: set[str] = set()
 
     @property
     def history(self) -> History:
@@ -271,13 +272,35 @@ class Host:
         return problems
 
     def _check_history(self) -> list[str]:
+        """Every attempt since the last check is decided, and none was left interrupted."""
         problems: list[str] = []
         for record in self.history.recent(100_000):
+            if record.id in self._judged:
+                continue
             if record.outcome is None:
                 problems.append(f"attempt {record.id} unfinished (state {record.state})")
             elif record.outcome in ("interrupted", "failed"):
                 problems.append(f"attempt {record.id} ended {record.outcome}: {record.reason}")
+            self._judged.add(record.id)
         return problems
+
+    def reset(self) -> None:
+        """After a failure: a healthy release deployed without faults, for the next fault.
+
+        So that one broken guarantee is counted once, not again by every fault after it.
+        """
+        for name in os.listdir(self.sandbox.staging):
+            (self.sandbox.staging / name).unlink()
+        if self.daemon.process is not None:
+            self.daemon.kill()
+        self.wait_unlocked()
+        version, new = self.stage("good")
+        self.start_command("deploy", "--version", version).join(SETTLE_TIMEOUT_SECONDS)
+        self.daemon.start()
+        fault = Fault("none (reset)", "", "good", 0.0)
+        self.check(fault, new, version, self.history.recent(1)[0])
+        if fault.problems or fault.outcome != "succeeded":
+            raise RuntimeError(f"the host could not be brought back: {fault.problems}")
 
 
 def _integrity(path: Path) -> str:
@@ -537,6 +560,8 @@ def kill_worker(root: Path, count: int, seed: int, daemon_share: float) -> list[
             fault.seconds = round(time.monotonic() - started, 2)
             faults.append(fault)
             _report(f"seed {seed}", number, count, fault)
+            if not fault.survived:
+                host.reset()
     finally:
         host.close()
     return faults
@@ -575,6 +600,8 @@ def disk_full_worker(
                 fault.seconds = round(time.monotonic() - started, 2)
                 faults.append(fault)
                 _report(f"disk full {folder}", number, count, fault)
+                if not fault.survived:
+                    host.reset()
         finally:
             host.close()
     return faults
