@@ -411,7 +411,14 @@ def read_secret(config: Config) -> bytes:
     """
     credentials = os.environ.get("CREDENTIALS_DIRECTORY")
     candidate = Path(credentials) / CREDENTIAL_NAME if credentials else None
-    path = candidate if candidate is not None and candidate.exists() else config.webhook.secret_file
+    try:
+        use_credential = candidate is not None and candidate.exists()
+    except OSError as error:
+        raise ConfigError(
+            f"webhook.secret_file: cannot look into $CREDENTIALS_DIRECTORY {credentials}: "
+            f"{error.strerror}"
+        ) from None
+    path = candidate if use_credential and candidate is not None else config.webhook.secret_file
 
     try:
         descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)

@@ -507,8 +507,9 @@ class Engine:
         return copy
 
     def _discard_copy(self, entry: Entry) -> None:
-        self._pending_copy = None
-        verify.remove_stale_copies(self.config.service.binary)
+        copy, self._pending_copy = self._pending_copy, None
+        if copy is not None:
+            copy.path.unlink(missing_ok=True)
 
     def _clear_staging(self, entry: Entry) -> None:
         """Remove the pair this attempt used; move a rejected one aside for the operator."""

@@ -173,13 +173,29 @@ class SystemdManager:
 
     def restart(self) -> None:
         """`systemctl restart UNIT`: returns once systemd finished the start job."""
+        self._reset_failed()
         self._act("restart")
 
     def stop(self) -> None:
         self._act("stop")
 
     def start(self) -> None:
+        self._reset_failed()
         self._act("start")
+
+    def _reset_failed(self) -> None:
+        """Clear the unit's failed state and start-rate counter before starting it.
+
+        A release that exits at once makes systemd refuse further starts of the unit for a
+        while ("Start request repeated too quickly", StartLimitBurst= in systemd.unit(5)), and
+        the rollback's restart of the previous binary would be refused with it. Nothing is lost
+        when this fails: the restart then says what is wrong.
+        """
+        argv = self._argv("reset-failed", self.unit)
+        try:
+            self._systemctl(argv, self._query_timeout_seconds)
+        except ServiceError as error:
+            logger.debug("reset-failed of %s did not succeed: %s", self.unit, error)
 
     def state(self) -> ServiceState:
         """`systemctl show UNIT` of the load, active and sub state, MainPID and NRestarts."""

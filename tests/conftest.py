@@ -11,13 +11,6 @@ import pytest
 from sandbox import Sandbox
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run every test that boots systemd on one worker, one module after the other."""
-    for item in items:
-        if "e2e" in item.nodeid.split("/"):
-            item.add_marker(pytest.mark.xdist_group("systemd"))
-
-
 @pytest.fixture
 def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
     host = Sandbox(tmp_path)
