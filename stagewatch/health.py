@@ -18,16 +18,16 @@ use time.monotonic, never the wall clock.
 
 from __future__ import annotations
 
-import email.message
+import contextlib
 import http.client
 import logging
 import socket
 import ssl
+import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from dataclasses import dataclass
-from typing import IO, cast
+from typing import cast
 
 from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
@@ -212,12 +212,6 @@ class _Probe:
         self._manager = manager
         self._url = url
         self._heartbeat = heartbeat
-        # No proxies: a health URL names this host, and an http_proxy meant for the outside
-        # world must not answer for it. No redirects: only the URL's own 2xx counts.
-        self._opener = urllib.request.build_opener(
-            urllib.request.ProxyHandler({}), _RefuseRedirects()
-        )
-        self._opener.addheaders = [("User-Agent", f"stagewatch/{__version__} health check")]
 
     def state(self) -> ServiceState:
         self._heartbeat.beat()
@@ -236,12 +230,9 @@ class _Probe:
             return None
 
         try:
-            status = self._get(self._url)
-        except urllib.error.HTTPError as error:
-            error.close()
-            status = error.code
-        except urllib.error.URLError as error:
-            return f"{self._url}: {_describe_failure(error.reason)}"
+            status = _get(self._url)
+        except _Overdue:
+            return f"{self._url}: no complete answer within {REQUEST_TIMEOUT_SECONDS:g} s"
         except (OSError, http.client.HTTPException) as error:
             return f"{self._url}: {_describe_failure(error)}"
         finally:
@@ -253,26 +244,57 @@ class _Probe:
             return f"{self._url} answered {status} (a redirect, which does not count)"
         return f"{self._url} answered {status}"
 
-    def _get(self, url: str) -> int:
-        # The URL comes from the operator's configuration, checked to be http(s) by config.py.
-        with self._opener.open(url, timeout=REQUEST_TIMEOUT_SECONDS) as response:
-            response.read(BODY_LIMIT_BYTES)
-            return int(response.status)
+
+class _Overdue(Exception):
+    """The whole GET took longer than REQUEST_TIMEOUT_SECONDS."""
 
 
-class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
-    """Turn every 3xx into an HTTPError carrying that status instead of following it."""
+def _get(url: str) -> int:
+    """GET `url` once and return the status; the whole exchange within the request timeout.
 
-    def redirect_request(
-        self,
-        req: urllib.request.Request,
-        fp: IO[bytes],
-        code: int,
-        msg: str,
-        headers: email.message.Message,
-        newurl: str,
-    ) -> None:
-        return None
+    http.client rather than urllib: it follows no redirect (only the URL's own 2xx counts) and
+    uses no proxy from the environment (an http_proxy meant for the outside world must not
+    answer for this host). The socket timeout bounds each read only, so a server that trickles
+    a byte at a time could hold one GET forever: a timer shuts the socket at the deadline.
+    """
+    parts = urllib.parse.urlsplit(url)
+    connection_class = (
+        http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    )
+    connection = connection_class(
+        parts.hostname or "localhost", parts.port, timeout=REQUEST_TIMEOUT_SECONDS
+    )
+    overdue = threading.Event()
+
+    def cut_off() -> None:
+        overdue.set()
+        if connection.sock is not None:
+            with contextlib.suppress(OSError):
+                connection.sock.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(REQUEST_TIMEOUT_SECONDS, cut_off)
+    timer.daemon = True
+    timer.start()
+    try:
+        target = parts.path or "/"
+        if parts.query:
+            target = f"{target}?{parts.query}"
+        connection.request(
+            "GET", target, headers={"User-Agent": f"stagewatch/{__version__} health check"}
+        )
+        response = connection.getresponse()
+        response.read(BODY_LIMIT_BYTES)
+        # A socket shut at the deadline reads as the end of the answer, which may then parse.
+        if overdue.is_set():
+            raise _Overdue
+        return int(response.status)
+    except (OSError, http.client.HTTPException):
+        if overdue.is_set():
+            raise _Overdue from None
+        raise
+    finally:
+        timer.cancel()
+        connection.close()
 
 
 def _describe_failure(reason: object) -> str:

@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from daemon_fixtures import HealthStandIn
 from service_fixtures import (  # the two *_fixture names provide fake_systemctl and sample_service
     FakeSystemctl,
     Response,
@@ -132,6 +133,22 @@ def test_url_with_nothing_listening_is_connection_refused(tmp_path: Path) -> Non
         HealthError, match=r": http://127\.0\.0\.1:\d+/healthz: connection refused$"
     ):
         check_health(manager, HealthConfig(timeout_seconds=1.0, url=url), heartbeat())
+
+
+def test_url_that_trickles_its_answer_fails_within_the_request_deadline(tmp_path: Path) -> None:
+    # One byte every 0.3 s: each read is quick, the whole answer never comes. The deadline is
+    # on the whole GET, so the probation still ends at its timeout.
+    stand_in = HealthStandIn("trickle")
+    try:
+        manager = command_manager(is_active_printing(tmp_path, 1000))
+        started = time.monotonic()
+
+        with pytest.raises(HealthError, match=r"no complete answer within 2 s$"):
+            check_health(manager, HealthConfig(timeout_seconds=1.0, url=stand_in.url), heartbeat())
+
+        assert time.monotonic() - started < 6
+    finally:
+        stand_in.close()
 
 
 def test_redirect_does_not_count_as_healthy(tmp_path: Path) -> None:

@@ -8,14 +8,18 @@ its arrival time; counts of pings are taken over windows, never from single inte
 from __future__ import annotations
 
 import itertools
+import os
 import re
+import shutil
 import signal
 import sqlite3
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from daemon_fixtures import (  # noqa: F401 - fixtures
     Daemon,
     HealthStandIn,
@@ -134,13 +138,14 @@ def test_no_pings_unless_the_watchdog_is_meant_for_this_process(
     assert notify_socket.times("STOPPING=1")
 
 
-def test_pings_stop_while_a_rollback_hangs_on_its_health_url_and_the_next_start_ends_it(
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+def test_pings_stop_while_a_rollback_hangs_in_a_system_call_and_the_next_start_ends_it(
     daemon_sandbox: MakeSandbox, notify_socket: NotifySocket, health_stand_in: HealthStandIn
 ) -> None:
-    # The health URL trickles forever while the service answers, and says 503 while it does
-    # not. The release exits at once, so the URL says 503 and it is rolled back after 1.5 s;
-    # the rollback's probe of the old release, which answers, then hangs on the URL: the
-    # step makes no progress and its heartbeat stays silent past its allowance of
+    # Every network wait of a probe is bounded, so the hang comes from below: strace holds the
+    # agent's next connect(2) for 30 s, as a stuck kernel call would. The release exits at
+    # once (the URL says 503 while the service is down), so it is rolled back; the rollback's
+    # probe then hangs in connect, and its heartbeat stays silent past the step's allowance of
     # restart_timeout_seconds + health.timeout_seconds = 3.5 s.
     sandbox, daemon = daemon_sandbox(
         health__url=health_stand_in.url,
@@ -148,7 +153,6 @@ def test_pings_stop_while_a_rollback_hangs_on_its_health_url_and_the_next_start_
         service__restart_timeout_seconds=2,
     )
     old = sandbox.binary.read_bytes()
-    health_stand_in.mode = "trickle"
     health_stand_in.gate = lambda: sandbox.served_version() is not None
     environment = {**notify_socket.environment, **WATCHDOG}
     daemon.start(environment)
@@ -156,23 +160,45 @@ def test_pings_stop_while_a_rollback_hangs_on_its_health_url_and_the_next_start_
     armed = daemon.arm()
     sandbox.stage("2.0", "exit")
 
-    wait_for(lambda: health_stand_in.trickling, 20, "the rollback's probe to hang")
-    hung = time.monotonic()
-    assert daemon.state() == "rolling_back"
-    daemon.wait_for_log("No progress from deploy step rolling_back", timeout=10)
-    withheld = time.monotonic()
+    wait_for(lambda: daemon.state() == "rolling_back", 20, "the rollback to start")
+    # Every thread of the agent, and no child: the commands it runs are not to be held up.
+    threads = [f"-p{task}" for task in os.listdir(f"/proc/{daemon.pid}/task")]
+    tracer = subprocess.Popen(
+        [
+            "strace",
+            "-qq",
+            "-o",
+            "/dev/null",
+            *threads,
+            "-e",
+            "trace=connect",
+            "-e",
+            "inject=connect:delay_enter=30000000",
+        ],
+    )
+    try:
+        hung = time.monotonic()
+        daemon.wait_for_log("No progress from deploy step rolling_back", timeout=15)
+        withheld = time.monotonic()
 
-    assert withheld - hung > 2.5, "the pings stopped before the step's allowance ran out"
-    assert pings_between(notify_socket, hung, hung + 2.0) >= 5
-    wait_past(withheld + 1.5)
-    assert pings_between(notify_socket, withheld, withheld + 1.5) == 0
-    assert daemon.running() and daemon.serving(), "the agent itself is alive; the step is not"
-    record = daemon.record(armed.document["id"])
-    assert record is not None and (record["state"], record["outcome"]) == ("rolling_back", None)
+        assert withheld - hung > 2.5, "the pings stopped before the step's allowance ran out"
+        wait_past(withheld + 1.5)
+        assert pings_between(notify_socket, withheld, withheld + 1.5) == 0
+        assert daemon.running(), "the agent itself is alive; the step is not"
+        record = daemon.record(armed.document["id"])
+        assert record is not None and (record["state"], record["outcome"]) == (
+            "rolling_back",
+            None,
+        )
 
-    # What systemd does when the pings stop (WatchdogSec=): kill the agent and start it again.
+    finally:
+        # The tracer first: a traced process that is killed waits for its tracer to see it.
+        tracer.kill()
+        tracer.wait()
+
+    # What systemd does when the pings stop (WatchdogSec=): kill the agent, start it again.
     daemon.kill()
-    health_stand_in.mode = "healthy"
+
     health_stand_in.gate = None
     daemon.start(environment)
     daemon.wait_serving(timeout=20)
