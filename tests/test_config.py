@@ -38,7 +38,7 @@ def test_an_empty_file_gives_every_default_of_the_contract(tmp_path: Path) -> No
     assert config.database.missing_ok is False
     assert config.database.restore_on_rollback is False
     assert config.webhook.listen == "0.0.0.0:9400"
-    assert (config.webhook.host, config.webhook.port) == ("0.0.0.0", 9400)
+    assert (config.webhook.host, config.webhook.port) == ("0.0.0.0", 9400)  # noqa: S104
     assert config.webhook.path == "/deploy"
     assert config.webhook.secret_file == Path("/etc/stagewatch/webhook-secret")
     assert config.webhook.auth == "any"
@@ -150,7 +150,7 @@ def test_the_secret_loses_its_trailing_newline(tmp_path: Path) -> None:
 def test_a_secret_readable_by_others_is_refused(tmp_path: Path) -> None:
     config = config_with_secret(tmp_path, b"s3cret\n", 0o644)
 
-    with pytest.raises(ConfigError, match="readable by group or others.*chmod 0600"):
+    with pytest.raises(ConfigError, match=r"readable by group or others.*chmod 0600"):
         read_secret(config)
 
 
