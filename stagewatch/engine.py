@@ -52,16 +52,15 @@ CHECKING = "checking"
 ROLLING_BACK = "rolling_back"
 FINISHED = "finished"
 
-# How long a step may go without a heartbeat before the watchdog pings stop. A step that
-# beats per chunk or per poll gets a short leash; SQLite's one-call backup cannot beat.
-_STEP_SILENCE_SECONDS = {
-    VERIFYING: 30.0,
-    SNAPSHOTTING: 600.0,
-    SWAPPING: 30.0,
-    RESTARTING: 0.0,  # restart_timeout_seconds is added
-    CHECKING: 30.0,
-    ROLLING_BACK: 0.0,  # restart_timeout_seconds is added
-}
+# How long a step may go without a heartbeat before the watchdog pings stop: the longest wait
+# between two beats that is still progress, plus a margin. Copies and snapshots beat per
+# chunk, so a fixed leash covers them (one fsync of a large file is the longest wait). Every
+# call to the service manager may take up to restart_timeout_seconds (its retries included)
+# without a beat: a restart may wait for the state asked for before it and then run, and a
+# rollback does the same before its probation.
+_MARGIN_SECONDS = 5.0
+_CHUNKED_STEP_SILENCE_SECONDS = {VERIFYING: 30.0, SNAPSHOTTING: 60.0, SWAPPING: 30.0}
+_MANAGER_CALLS_WITHOUT_A_BEAT = {RESTARTING: 2, CHECKING: 1, ROLLING_BACK: 2}
 
 
 def new_attempt_id() -> str:
@@ -470,11 +469,10 @@ class Engine:
         if self.heartbeats is None:
             return detached(step)
 
-        silence = _STEP_SILENCE_SECONDS[step]
-        if silence == 0.0:
-            silence = (
-                self.config.service.restart_timeout_seconds + self.config.health.timeout_seconds
-            )
+        silence = _CHUNKED_STEP_SILENCE_SECONDS.get(step)
+        if silence is None:
+            calls = _MANAGER_CALLS_WITHOUT_A_BEAT[step]
+            silence = calls * self.config.service.restart_timeout_seconds + _MARGIN_SECONDS
         return self.heartbeats.open(f"deploy step {step}", silence)
 
     def _require_staged_pair(self) -> None:

@@ -48,6 +48,11 @@ def read(path: Path) -> Entry | None:
         content = path.read_bytes()
     except FileNotFoundError:
         return None
+    except OSError as error:
+        raise RecoveryError(
+            f"{path}: cannot read the deploy journal ({error.strerror}); give the agent's user "
+            "access to its state folder"
+        ) from None
 
     try:
         document = json.loads(content)
