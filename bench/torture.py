@@ -125,6 +125,7 @@ class Host:
         self.command_log = root / "deploy-commands.log"
         self._releases = 0
         self._judged: set[str] = set()
+        self._litter: set[str] = set()
 
     @property
     def history(self) -> History:
@@ -198,9 +199,10 @@ class Host:
             if fault.outcome == "rejected":
                 fault.outcome = f"rejected ({_reason_kind(attempt.reason or '')})"
         self._check_staging(fault)
-        litter = [name for name in os.listdir(self.sandbox.state) if ".tmp-" in name]
-        if litter:
+        litter = {name for name in os.listdir(self.sandbox.state) if ".tmp-" in name}
+        if litter - self._litter:
             fault.notes.append(f"temporaries left in the state folder: {sorted(litter)}")
+        self._litter = litter
 
         if installed is not None and installed != expected:
             which = "the new" if installed == new else "the old" if installed == old else "other"
