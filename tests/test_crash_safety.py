@@ -189,6 +189,7 @@ def kill_at_random_instants(root: Path, seed: int, kills: int, duration: float) 
     return outcomes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(4))
 def test_deploys_killed_at_random_instants_keep_every_guarantee(tmp_path: Path, seed: int) -> None:
     """50 kills per seed, 200 in all; the seeds run side by side under pytest-xdist."""

@@ -329,7 +329,8 @@ def traced_swap(
     subprocess.run(
         [
             strace,
-            *("-f", "-qq", "-y", "-o", str(trace)),
+            # One file per task (-ff): a call in one is never split by another's.
+            *("-ff", "-qq", "-y", "-o", str(trace)),
             *("-e", "trace=openat,rename,renameat,renameat2,fsync,fdatasync"),
             *(sys.executable, "-c", SWAP_SCRIPT, action),
             *(str(staging.dir), str(install_path), str(releases_dir), release),
@@ -339,8 +340,10 @@ def traced_swap(
         env={**os.environ, "PYTHONPATH": str(package_root)},
     )
 
-    # Each line is "PID call(...) = result"; -y shows the path behind each descriptor.
-    return [line.split(" ", 1)[1] for line in trace.read_text().splitlines()]
+    # Each line is "call(...) = result"; -y shows the path behind each descriptor. The swap
+    # runs on the main thread, whose file has the lowest process id.
+    traces = sorted(trace.parent.glob("trace.*"), key=lambda path: int(path.suffix[1:]))
+    return traces[0].read_text().splitlines()
 
 
 def assert_swapped_by_one_rename_then_folder_fsync(calls: list[str], install_path: Path) -> None:
