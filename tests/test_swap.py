@@ -12,7 +12,7 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -60,30 +60,6 @@ def releases_dir(tmp_path: Path) -> Path:
 def staging(tmp_path: Path) -> StagingConfig:
     (tmp_path / "staging").mkdir()
     return StagingConfig(dir=tmp_path / "staging", max_size_mb=8)
-
-
-@pytest.fixture
-def mount_tmpfs(tmp_path: Path) -> Iterator[Callable[[str, str], Path]]:
-    """Mount small tmpfs filesystems under tmp_path; all are unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-
-    mounted: list[Path] = []
-
-    def mount(name: str, size: str) -> Path:
-        point = tmp_path / name
-        point.mkdir()
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(point)],
-            check=True,
-        )
-        mounted.append(point)
-        return point
-
-    yield mount
-
-    for point in reversed(mounted):
-        subprocess.run(["umount", str(point)], check=True)
 
 
 def release_bytes(version: int, size: int = 64 * 1024) -> bytes:

@@ -6,9 +6,8 @@ import hashlib
 import logging
 import os
 import stat
-import subprocess
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -59,30 +58,6 @@ def install_path(tmp_path: Path) -> Path:
     path.write_bytes(OLD_BINARY)
     path.chmod(0o755)
     return path
-
-
-@pytest.fixture
-def mount_tmpfs(tmp_path: Path) -> Iterator[Callable[[str, str], Path]]:
-    """Mount small tmpfs filesystems under tmp_path; all are unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-
-    mounted: list[Path] = []
-
-    def mount(name: str, size: str) -> Path:
-        point = tmp_path / name
-        point.mkdir()
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(point)],
-            check=True,
-        )
-        mounted.append(point)
-        return point
-
-    yield mount
-
-    for point in reversed(mounted):
-        subprocess.run(["umount", str(point)], check=True)
 
 
 def stage(staging: StagingConfig, data: bytes, checksum: str | None = None) -> str:
