@@ -286,7 +286,9 @@ class Coordinator:
         with self._lock:
             self._arm = None
             self._deploying, self._step = deploy_id, "verifying"
-        write_arm(self.config, None)
+        # The arm's file stays until the journal holds the attempt (`_on_engine_state`): an
+        # agent killed in between must find the one or the other when it starts again, or
+        # the release would be left staged under an arm recorded as expired.
         self._last_deployed = pair
         self._waiting_logged = False
 
@@ -313,6 +315,8 @@ class Coordinator:
             log.exception("Deploy %s crashed; the journal keeps it for the next start", request.id)
             self._record_not_started(request, f"the deploy failed unexpectedly: {error}")
         finally:
+            # A deploy that never ran a step leaves no journal: its arm is settled above.
+            write_arm(self.config, None)
             self.events.put(_Event("deploy-finished", outcome))
 
     def _deploy_finished(self, outcome: str | None) -> None:
@@ -386,6 +390,10 @@ class Coordinator:
             )
 
         arm = read_arm(self.config)
+        if arm is not None and self._arm_was_used(arm):
+            # The agent stopped while the arm's deploy was under way; recovery settled it.
+            write_arm(self.config, None)
+            arm = None
         if arm is not None and arm.expired():
             write_arm(self.config, None)
             self._finish_unstarted(arm.id, "expired", self._expiry_reason())
@@ -400,6 +408,10 @@ class Coordinator:
             self._finish_unstarted(
                 record.id, outcome, "the agent stopped before this attempt could finish"
             )
+
+    def _arm_was_used(self, arm: Arm) -> bool:
+        record = self.engine.history.get(arm.id)
+        return record is not None and (record.outcome is not None or record.state != "armed")
 
     def _reload(self) -> None:
         """SIGHUP: the new configuration and secret, or the old ones if the new are invalid.
@@ -479,6 +491,9 @@ class Coordinator:
         self.events.put(_Event("settled", pair))
 
     def _on_engine_state(self, step: str, attempt_id: str | None) -> None:
+        if step == "verifying" and attempt_id is not None and attempt_id == self._deploying:
+            # The journal now holds the attempt the arm started; the arm has done its part.
+            write_arm(self.config, None)
         # "idle" comes as the attempt ends; its last step stands until the main thread hears.
         if step != "idle":
             with self._lock:

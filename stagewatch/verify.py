@@ -5,9 +5,9 @@ each file is opened once with O_NOFOLLOW (a symbolic link is refused, see open(2
 O_NONBLOCK (a FIFO is refused instead of blocking the open), and judged by fstat(2) on that
 descriptor, never by looking its name up again. The artifact is copied with
 copy_file_range(2) into a new file beside the install path that only stagewatch can write,
-fsynced, and then the copy itself is hashed: the bytes installed are the bytes verified, even
-if the staged file changes afterwards. Hashing the copy costs little, since the kernel has
-just put its pages in the cache.
+and the copy itself is hashed while it is fsynced: the bytes installed are the bytes
+verified, even if the staged file changes afterwards. Hashing the copy costs little, since
+the kernel has just put its pages in the cache.
 
 Temporaries are named by `fsutil.temporary_name(target, "incoming")`, so that recovery finds
 and removes them by their prefix (`remove_stale_copies`).
@@ -25,6 +25,7 @@ import stat
 import string
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,8 +189,7 @@ def copy_beside(
     try:
         copy_descriptor(source, descriptor, size, heartbeat)
         os.fchmod(descriptor, mode)
-        os.fsync(descriptor)
-        sha256 = sha256_of_descriptor(descriptor, heartbeat)
+        sha256 = _sync_and_hash(descriptor, heartbeat)
         copied = os.fstat(descriptor).st_size
     except BaseException as error:
         os.close(descriptor)
@@ -200,6 +200,21 @@ def copy_beside(
 
     os.close(descriptor)
     return PrivateCopy(temporary, sha256, copied)
+
+
+def _sync_and_hash(descriptor: int, heartbeat: Heartbeat) -> str:
+    """fsync the new file and hash it at the same time; return its sha256 once both are done.
+
+    fsync(2) waits for the disk and hashing for the CPU, on pages the copy has just put in
+    the cache: run side by side, the slower of the two sets the time instead of their sum.
+    Only this process can write the file, so what is hashed is what is made durable.
+    """
+    with ThreadPoolExecutor(1, "stagewatch-fsync") as pool:
+        synced = pool.submit(os.fsync, descriptor)
+        sha256 = sha256_of_descriptor(descriptor, heartbeat)
+        synced.result()
+
+    return sha256
 
 
 def copy_descriptor(source: int, destination: int, size: int, heartbeat: Heartbeat) -> int:
