@@ -65,6 +65,8 @@ class DeployHost:
         self.sandbox.install_initial("1.0")
         self.daemon = Daemon(self.sandbox, root / "daemon.log")
         self._pushes = 0
+        # Deploys that did not succeed, left out of the figures and named in their notes.
+        self.failed: list[dict[str, Any]] = []
 
     def close(self) -> None:
         self.daemon.stop()
@@ -74,8 +76,9 @@ class DeployHost:
         self._pushes += 1
         return f"2.{self._pushes}"
 
-    def restart_started(self) -> float:
-        return float(self.stamps.read_text().split()[-1])
+    def restart_started(self, after: float) -> float:
+        """When the first restart command after `after` started (a rollback runs another)."""
+        return min(stamp for stamp in map(float, self.stamps.read_text().split()) if stamp > after)
 
     def push_files_then_arm(self) -> tuple[dict[str, Any], float]:
         """Stage a release, wait until the agent saw it settle, then arm; (record, arm time)."""
@@ -148,11 +151,13 @@ class Overhead:
         return self.total - self.bare
 
 
-def _overhead(host: DeployHost) -> Overhead:
+def _overhead(host: DeployHost) -> Overhead | None:
+    """One deploy's overhead; None when it did not succeed (it is not a typical deploy)."""
     record, armed_at = host.push_files_then_arm()
     if record["outcome"] != "succeeded":
-        raise RuntimeError(f"a benchmark deploy did not succeed: {record}")
-    restart_at = host.restart_started()
+        host.failed.append(record)
+        return None
+    restart_at = host.restart_started(armed_at)
     steps = record["steps"]
     starts = [timestamp(step["started_at"]) for step in steps]
     restarting = next(index for index, step in enumerate(steps) if step["name"] == "restarting")
@@ -170,7 +175,8 @@ def _overhead(host: DeployHost) -> Overhead:
 
 
 def measure_overhead(host: DeployHost, quick: bool) -> Figure:
-    pushes = [_overhead(host) for _ in range(5 if quick else 20)]
+    measured = [_overhead(host) for _ in range(5 if quick else 20)]
+    pushes = [push for push in measured if push is not None]
     value = median([push.overhead for push in pushes]) * 1000
 
     def typical(seconds: list[float]) -> str:
@@ -254,13 +260,15 @@ def _restart_alone(host: DeployHost) -> float:
     return longest_gap(answered)
 
 
-def _deploy_gap(host: DeployHost) -> float:
+def _deploy_gap(host: DeployHost) -> float | None:
+    """The longest gap through one deploy; None when it did not succeed."""
     sandbox = host.sandbox
     with probing(sandbox.port, sandbox.root) as answered:
         record, _ = host.push_files_then_arm()
-        if record["outcome"] != "succeeded":
-            raise RuntimeError(f"a benchmark deploy did not succeed: {record}")
         time.sleep(0.3)
+    if record["outcome"] != "succeeded":
+        host.failed.append(record)
+        return None
     return longest_gap(answered)
 
 
@@ -269,12 +277,14 @@ def measure_downtime(host: DeployHost, quick: bool) -> Figure:
     deploying: list[float] = []
     for _ in range(2 if quick else 5):
         alone.append(_restart_alone(host))
-        deploying.append(_deploy_gap(host))
+        gap = _deploy_gap(host)
+        if gap is not None:
+            deploying.append(gap)
     value = median(deploying) * 1000
     reference = median(alone) * 1000
     note = (
         f"downtime: a probe every {PROBE_INTERVAL_SECONDS * 1000:g} ms; medians of "
-        f"{len(alone)} deploys and {len(alone)} restarts alone, interleaved. Longest gaps: "
+        f"{len(deploying)} deploys and {len(alone)} restarts alone, interleaved. Longest gaps: "
         f"deploys {', '.join(f'{gap * 1000:.0f}' for gap in deploying)} ms; restarts alone "
         f"{', '.join(f'{gap * 1000:.0f}' for gap in alone)} ms."
     )
@@ -292,10 +302,16 @@ def measure(work: Path, quick: bool) -> list[Figure]:
         host.daemon.start()
         # One deploy first, so that every measured one starts from a host that deployed.
         host.push_files_then_arm()
-        return [
+        figures = [
             measure_overhead(host, quick),
             measure_settle_to_start(host, quick),
             measure_downtime(host, quick),
         ]
+        for record in host.failed:
+            reason = str(record["reason"])[:160]
+            figures[
+                0
+            ].note += f" Left out: deploy {record['id']} ended {record['outcome']} ({reason})."
+        return figures
     finally:
         host.close()
