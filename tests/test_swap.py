@@ -305,8 +305,9 @@ def traced_swap(
     subprocess.run(
         [
             strace,
-            # One file per task (-ff): a call in one is never split by another's.
-            *("-ff", "-qq", "-y", "-o", str(trace)),
+            # One file per task (-ff), so that a call in one is never split by another's,
+            # each call stamped (-ttt) to merge the tasks' files back into one order.
+            *("-ff", "-ttt", "-qq", "-y", "-o", str(trace)),
             *("-e", "trace=openat,rename,renameat,renameat2,fsync,fdatasync"),
             *(sys.executable, "-c", SWAP_SCRIPT, action),
             *(str(staging.dir), str(install_path), str(releases_dir), release),
@@ -316,10 +317,14 @@ def traced_swap(
         env={**os.environ, "PYTHONPATH": str(package_root)},
     )
 
-    # Each line is "call(...) = result"; -y shows the path behind each descriptor. The swap
-    # runs on the main thread, whose file has the lowest process id.
-    traces = sorted(trace.parent.glob("trace.*"), key=lambda path: int(path.suffix[1:]))
-    return traces[0].read_text().splitlines()
+    # Each line is "SECONDS call(...) = result"; -y shows the path behind each descriptor.
+    # The copy is fsynced on a thread of its own while it is hashed, so every task counts.
+    stamped = [
+        line.split(" ", 1)
+        for path in trace.parent.glob("trace.*")
+        for line in path.read_text().splitlines()
+    ]
+    return [call for _, call in sorted(stamped, key=lambda pair: float(pair[0]))]
 
 
 def assert_swapped_by_one_rename_then_folder_fsync(calls: list[str], install_path: Path) -> None:
