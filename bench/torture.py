@@ -182,6 +182,7 @@ class Host:
     def check(self, fault: Fault, new: bytes, new_version: str, attempt: Record | None) -> None:
         """Check every guarantee after recovery, into `fault`; then note what is installed."""
         problems = fault.problems
+        self._judged.add(attempt.id if attempt is not None else "")
         problems += self._check_files() + self._check_snapshots() + self._check_history()
         installed = self._installed_bytes(problems)
         old, old_version = self.installed, self.installed_version
@@ -274,7 +275,7 @@ class Host:
         return problems
 
     def _check_history(self) -> list[str]:
-        """Every attempt since the last check is decided, and none was left interrupted."""
+        """Every other attempt since the last check is decided, none left interrupted."""
         problems: list[str] = []
         for record in self.history.recent(100_000):
             if record.id in self._judged:
