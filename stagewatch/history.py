@@ -77,41 +77,24 @@ class History:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._connection: sqlite3.Connection | None = None
         with self._connect() as connection:
             connection.executescript(_SCHEMA)
 
     @contextlib.contextmanager
     def _connect(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
-        """The one connection of this History, held under its lock for the block.
-
-        Opened once: a connection per call pays for setting up WAL mode and, as the last
-        connection to the file closes, for a checkpoint with its fsyncs (about 15 ms a save
-        on an ext4 disk; "the last connection to a database" in
-        https://www.sqlite.org/wal.html). In autocommit mode an idle connection holds no
-        lock, so the CLI and the daemon still share the file.
-        """
-        with self._lock:
-            if self._connection is None:
-                self._connection = self._open()
-            # In WAL mode, NORMAL survives a crash of the agent but may lose the last commits
-            # to a power cut (https://www.sqlite.org/pragma.html#pragma_synchronous); FULL
-            # fsyncs every commit.
-            self._connection.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-            yield self._connection
-
-    def _open(self) -> sqlite3.Connection:
-        # Several threads of the daemon use the History; the lock keeps them one at a time.
-        connection = sqlite3.connect(
-            self.path, timeout=10, isolation_level=None, check_same_thread=False
-        )
+        # A connection per call: the CLI and the daemon share the file, and a short-lived
+        # connection never holds a lock across a slow deploy step.
+        connection = sqlite3.connect(self.path, timeout=10, isolation_level=None)
         try:
             connection.row_factory = sqlite3.Row
             connection.execute("PRAGMA journal_mode=WAL")
-        except BaseException:
+            # In WAL mode, NORMAL survives a crash of the agent but may lose the last commits
+            # to a power cut (https://www.sqlite.org/pragma.html#pragma_synchronous); FULL
+            # fsyncs every commit.
+            connection.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            yield connection
+        finally:
             connection.close()
-            raise
-        return connection
 
     def save(self, record: Record, durable: bool = True) -> None:
         """Insert or replace the record with this id.
@@ -124,7 +107,7 @@ class History:
         row["forced"] = int(record.forced)
         columns = ", ".join(row)
         placeholders = ", ".join(f":{name}" for name in row)
-        with self._connect(durable) as connection:
+        with self._lock, self._connect(durable) as connection:
             connection.execute(
                 f"INSERT OR REPLACE INTO attempts ({columns}) VALUES ({placeholders})",  # noqa: S608 - column names are ours
                 row,
