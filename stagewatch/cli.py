@@ -242,6 +242,13 @@ def main(argv: list[str] | None = None) -> int:
         return exit_request.code if isinstance(exit_request.code, int) else EXIT_NOT_SUCCEEDED
     except StagewatchError as error:
         return _fail(error)
+    except OSError as error:
+        # A host fault the stages did not expect (a state folder full or gone): one line, and
+        # the journal, written before each step, lets the next command settle the attempt.
+        log.debug("Failure details", exc_info=error)
+        where = f": {error.filename}" if error.filename else ""
+        click.echo(f"stagewatch: {error.strerror or error}{where}", err=True)
+        return EXIT_NOT_SUCCEEDED
     return EXIT_OK
 
 

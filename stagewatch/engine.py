@@ -377,6 +377,7 @@ class Engine:
         """Where an interrupted attempt goes on: the table in DESIGN-NOTES.md."""
         verify.remove_stale_copies(self.config.service.binary)
         snapshot.remove_partials(self.config.database.snapshot_dir)
+        remove_torn_state_files(self.config)
 
         if entry.step == FINISHED:
             return FINISHED
@@ -565,6 +566,14 @@ def describe(error: Exception) -> str:
         where = f" {error.filename}" if error.filename else ""
         return f"{error.strerror or error}{':' if where else ''}{where}"
     return str(error)
+
+
+def remove_torn_state_files(config: Config) -> None:
+    """Remove the temporaries of a journal or arm write that a crash cut short."""
+    for name in (config.state.journal_path.name, config.state.arm_path.name):
+        for torn in config.state.dir.glob(f".{name}.tmp-*"):
+            torn.unlink(missing_ok=True)
+            log.info("Removed %s, left by an interrupted write", torn.name)
 
 
 def prepare_state_folder(config: Config) -> None:
