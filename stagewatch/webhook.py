@@ -258,7 +258,7 @@ class WebhookServer:
         self._ssl_context = ssl_context
         self._address = _bound_address(listener)
         if self._heartbeats is not None:
-            self._heartbeats.add_probe("webhook", _LoopProbe(loop).is_alive)
+            self._heartbeats.add_probe("webhook", _LoopProbe(loop, connections).is_alive)
 
         logger.info(
             "Webhook listening on %s:%d (%s)",
@@ -486,12 +486,15 @@ def _load_certificate(context: ssl.SSLContext, config: WebhookConfig) -> None:
 class _LoopProbe:
     """Tells the watchdog whether the event loop still turns, without waking it when idle.
 
-    Each question sends the loop a ping unless one is still unanswered; the loop is alive
-    while its last ping was answered, or was sent less than the grace period ago.
+    A loop with no connection, and none accepted since it last answered, waits in epoll for
+    the listener and cannot be stuck in stagewatch's code: it is alive without being asked.
+    Otherwise each question sends the loop a ping unless one is still unanswered; the loop is
+    alive while its last ping was answered, or was sent less than the grace period ago.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, connections: _ConnectionTable) -> None:
         self._loop = loop
+        self._connections = connections
         self._sent_at = 0.0
         self._answered_at = 0.0
 
@@ -499,6 +502,9 @@ class _LoopProbe:
         now = time.monotonic()
         if self._answered_at < self._sent_at:
             return now - self._sent_at < LOOP_PING_GRACE_SECONDS
+
+        if self._connections.idle_since(self._answered_at):
+            return True
 
         self._sent_at = now
         try:
@@ -754,6 +760,7 @@ class _ConnectionTable:
         self._open: set[_Connection] = set()
         self._waiting: dict[_Connection, float] = {}
         self._timer: asyncio.TimerHandle | None = None
+        self._last_admitted = 0.0  # time.monotonic(), read by the watchdog's probe
 
     def admit(self, connection: _Connection) -> None:
         """Take a new connection, evicting the longest waiting one if the table is full."""
@@ -766,7 +773,12 @@ class _ConnectionTable:
             longest_waiting.drop()
 
         self._open.add(connection)
+        self._last_admitted = time.monotonic()
         self.wait(connection)
+
+    def idle_since(self, moment: float) -> bool:
+        """No connection is open, and none was accepted after `moment` (time.monotonic)."""
+        return not self._open and self._last_admitted <= moment
 
     def wait(self, connection: _Connection) -> None:
         """Start the connection's deadline again: it waits for a request, or for its end."""

@@ -942,15 +942,31 @@ def test_the_heartbeat_probe_says_whether_the_event_loop_turns(
     setup = serve(heartbeats=heartbeats)
     wait_for(lambda: heartbeats.stalled() == [], 2, "the first ping answered")
 
-    # Stall the loop the way a blocking call on it would.
+    # An idle loop is not asked: it waits in epoll, with nothing of ours to be stuck in.
     loop = setup.server._loop
     assert loop is not None
     loop.call_soon_threadsafe(time.sleep, 1.5)
     time.sleep(0.1)
-    heartbeats.stalled()  # sends a ping the stalled loop cannot answer
+    assert heartbeats.stalled() == []
+    turned = threading.Event()
+    loop.call_soon_threadsafe(turned.set)
+    assert turned.wait(3), "the loop did not come back from its stall"
 
-    wait_for(lambda: heartbeats.stalled() == ["webhook"], 1, "the stall noticed")
-    wait_for(lambda: heartbeats.stalled() == [], 3, "the loop turning again")
+    # With a connection open the loop has work, and a stall of it is noticed.
+    client = socket.create_connection(setup.server.address)
+    try:
+        # An answer proves the loop took the connection; keep-alive keeps it open.
+        client.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert client.recv(4096).startswith(b"HTTP/1.1 200")
+        wait_for(lambda: heartbeats.stalled() == [], 2, "a ping answered with work on the loop")
+        loop.call_soon_threadsafe(time.sleep, 1.5)
+        time.sleep(0.1)
+        heartbeats.stalled()  # sends a ping the stalled loop cannot answer
+
+        wait_for(lambda: heartbeats.stalled() == ["webhook"], 1, "the stall noticed")
+        wait_for(lambda: heartbeats.stalled() == [], 3, "the loop turning again")
+    finally:
+        client.close()
 
     setup.server.stop()
     assert heartbeats.stalled() == []
