@@ -252,6 +252,8 @@ def test_a_reload_during_a_deploy_applies_to_the_next_deploy(
     record = daemon.wait_outcome(first.document["id"])
     assert record["outcome"] == "succeeded", record
     assert record["steps"][-1]["seconds"] >= 2
+    # The outcome is in the history a moment before the daemon is back to idle.
+    wait_for(lambda: daemon.state() == "idle", 10, "the daemon back to idle")
 
     second = daemon.arm()
     sandbox.stage("3.0")
