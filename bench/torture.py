@@ -462,6 +462,7 @@ def disk_full(
     sleep_until(time.monotonic() + instant)
     fault = Fault(f"disk full: {folder} ({mode})", "", behaviour, round(instant, 3))
     fault.step = host.step_now(arm_id, before)
+    waits_before = host.daemon.log_text().count(_WAITING_FOR_SPACE) if through_daemon else 0
     filler = fill_disk(_mount_point(host.sandbox, folder))
 
     if process is not None:
@@ -471,7 +472,7 @@ def disk_full(
             process.kill()
             process.join()
     elif arm_id is not None:
-        _wait_deploy_ended(host, arm_id, fault)
+        _wait_deploy_ended(host, arm_id, waits_before, fault)
     filler.unlink()
 
     if arm_id is not None:
@@ -485,26 +486,40 @@ def disk_full(
     return fault
 
 
-def _wait_deploy_ended(host: Host, arm_id: str, fault: Fault) -> None:
-    """Wait until the running daemon has finished with the attempt, one way or another.
+# What the daemon logs once it waits for the state folder to take its attempt's outcome.
+_WAITING_FOR_SPACE = "failed again"
 
-    Its log says so; its history may not be readable while the state folder is full.
+
+def _wait_deploy_ended(host: Host, arm_id: str, waits_before: int, fault: Fault) -> None:
+    """Wait until the running daemon has finished with the attempt, or waits for space.
+
+    Its log says so (`waits_before` is how often it said it waited before this fault); its
+    history may not be readable while the state folder is full.
     """
+
+    def ended_or_waiting() -> bool:
+        text = host.daemon.log_text()
+        return f"Deploy {arm_id} ended" in text or text.count(_WAITING_FOR_SPACE) > waits_before
+
     try:
-        wait_for(
-            lambda: f"Deploy {arm_id} ended" in host.daemon.log_text(),
-            SETTLE_TIMEOUT_SECONDS,
-            "the deploy to end",
-        )
+        wait_for(ended_or_waiting, SETTLE_TIMEOUT_SECONDS, "the deploy to end")
     except AssertionError:
         fault.problems.append(f"the deploy did not end within {SETTLE_TIMEOUT_SECONDS:g} s")
 
 
 def _settled_without_restart(host: Host, arm_id: str, fault: Fault) -> None:
-    """The space is back: the running daemon must have decided the attempt by itself.
+    """The space is back: the running daemon must decide the attempt by itself.
 
-    If it has not, that is a failure; the daemon is then restarted, which must settle it.
+    If it does not, that is a failure; the daemon is then restarted, which must settle it.
     """
+
+    def decided() -> bool:
+        record = host.history.get(arm_id)
+        journal_left = (host.sandbox.state / "journal.json").exists()
+        return record is not None and record.outcome is not None and not journal_left
+
+    with contextlib.suppress(AssertionError):
+        wait_for(decided, SETTLE_TIMEOUT_SECONDS, "the daemon to settle the attempt")
     record = host.history.get(arm_id)
     journal_left = (host.sandbox.state / "journal.json").exists()
     if record is not None and record.outcome is not None and not journal_left:

@@ -19,17 +19,22 @@ import queue
 import select
 import signal
 import socket
+import sqlite3
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
-from stagewatch import __version__
+from tenacity import RetryCallState, Retrying, wait_exponential
+
+from stagewatch import __version__, journal
 from stagewatch.config import Config, load_config, read_secret
-from stagewatch.engine import DeployRequest, Engine, NothingStagedError, new_attempt_id
-from stagewatch.errors import BusyError, ConfigError, StagewatchError
+from stagewatch.engine import DeployRequest, Engine, NothingStagedError, describe, new_attempt_id
+from stagewatch.errors import BusyError, ConfigError, RecoveryError, StagewatchError
 from stagewatch.heartbeat import Heartbeats
 from stagewatch.history import Record, utc_now
 from stagewatch.logs import deploy_context
@@ -41,6 +46,15 @@ from stagewatch.webhook import WebhookServer
 log = logging.getLogger(__name__)
 
 EXIT_OK = 0
+
+# An attempt that stopped short of its outcome (its journal or history could not be written:
+# a full state folder, most often) is settled again and again, these pauses apart, until it
+# is: the first after a second, then doubling up to a minute.
+_FIRST_SETTLE_PAUSE_SECONDS = 1.0
+_LONGEST_SETTLE_PAUSE_SECONDS = 60.0
+_PAUSE_SILENCE_MARGIN_SECONDS = 5.0
+
+_Result = TypeVar("_Result")
 
 
 @dataclass(frozen=True)
@@ -188,7 +202,6 @@ class Coordinator:
         signal.set_wakeup_fd(self.events.wakeup_fd, warn_on_full_buffer=False)
 
     def _start_serving(self) -> None:
-        self._worker = None
         self.watcher.start()
         self.webhook.start()
         host, port = self.webhook.address
@@ -305,19 +318,68 @@ class Coordinator:
             with deploy_context(request.id or "-"):
                 log.warning("Deploy did not start: %s", error)
             self._record_not_started(request, str(error))
-        except StagewatchError as error:
-            with deploy_context(request.id or "-"):
-                log.error("Deploy stopped: %s", error)
-            self._record_not_started(request, str(error))
         except Exception as error:
-            # An unexpected error must not kill the daemon silently: the journal keeps the
-            # attempt, and the next start settles it.
-            log.exception("Deploy %s crashed; the journal keeps it for the next start", request.id)
-            self._record_not_started(request, f"the deploy failed unexpectedly: {error}")
+            # A fault of the host is one line; anything else is a bug, shown with its traceback.
+            unexpected = not isinstance(error, (OSError, sqlite3.Error, StagewatchError))
+            with deploy_context(request.id or "-"):
+                unsettled = self._journaled_attempt()
+                if unsettled is not None:
+                    log.error(
+                        "Deploy stopped before its outcome: %s; settling it as soon as the "
+                        "state folder can be written again",
+                        describe(error),
+                        exc_info=unexpected,
+                    )
+                    outcome = self._settle_until_done(unsettled)
+                else:
+                    reason = describe(error)
+                    log.error("Deploy stopped: %s", reason, exc_info=unexpected)
+                    # The history may be as unwritable as the journal was (a full disk).
+                    self._retry_until_done(lambda: self._record_not_started(request, reason))
         finally:
             # A deploy that never ran a step leaves no journal: its arm is settled above.
             write_arm(self.config, None)
             self.events.put(_Event("deploy-finished", outcome))
+
+    def _journaled_attempt(self) -> str | None:
+        """The id of the attempt the journal holds; None when none, or it cannot be read."""
+        try:
+            entry = journal.read(self.config.state.journal_path)
+        except RecoveryError:
+            return None
+        return entry.id if entry is not None else None
+
+    def _settle_until_done(self, attempt_id: str) -> str | None:
+        """Run the recovery until it gets through; return the attempt's outcome.
+
+        Until then the new binary may run unchecked, with no rollback to come: what a restart
+        of the agent would do, this does without one. The daemon stays busy meanwhile, so that
+        arms are refused (409) rather than taken for a deploy that cannot start.
+        """
+        record = self._retry_until_done(self.engine.recover)
+        if record is None:
+            log.info("Attempt %s was settled by another run of stagewatch", attempt_id)
+            return None
+        log.info("Interrupted %s %s settled: %s", record.kind, record.id, record.outcome)
+        return record.outcome
+
+    def _retry_until_done(self, action: Callable[[], _Result]) -> _Result:
+        """Call `action` until it returns, pausing longer after each failure, up to a minute."""
+        retrying = Retrying(
+            wait=wait_exponential(
+                min=_FIRST_SETTLE_PAUSE_SECONDS, max=_LONGEST_SETTLE_PAUSE_SECONDS
+            ),
+            sleep=self._pause_before_settling,
+            before_sleep=_log_settle_retry,
+        )
+        return retrying(action)
+
+    def _pause_before_settling(self, seconds: float) -> None:
+        # A heartbeat of its own: a pause is progress, and a recovery hung in a step is not.
+        with self.heartbeats.open(
+            "waiting to settle an interrupted deploy", seconds + _PAUSE_SILENCE_MARGIN_SECONDS
+        ):
+            time.sleep(seconds)
 
     def _deploy_finished(self, outcome: str | None) -> None:
         with self._lock:
@@ -366,8 +428,9 @@ class Coordinator:
             log.warning("Arm %s: %s", outcome, reason)
 
     def _recover_in_worker(self) -> None:
+        unsettled: str | None = None
         try:
-            self._recover()
+            unsettled = self._recover()
         except StagewatchError as error:
             log.error("Could not settle the interrupted deploy: %s", error)
         except Exception:
@@ -375,15 +438,38 @@ class Coordinator:
             # lines need their priority. The agent serves on; each deploy tries again first.
             log.exception("Could not settle the interrupted deploy")
         finally:
+            if unsettled is not None:
+                with self._lock:
+                    self._deploying = unsettled
             self.events.put(_Event("recovered"))
 
-    def _recover(self) -> None:
-        """Settle what the last run left: an interrupted deploy, an arm, stale records."""
+        # Serving (status, 409 to arms) while the attempt waits for the state folder.
+        if unsettled is not None:
+            outcome = self._settle_until_done(unsettled)
+            self.events.put(_Event("deploy-finished", outcome))
+
+    def _recover(self) -> str | None:
+        """Settle what the last run left: an interrupted deploy, an arm, stale records.
+
+        Return the id of an attempt that the journal still holds because settling it failed
+        (the state folder full or failing), for the caller to retry; None otherwise.
+        """
+        recovered: Record | None = None
+        unsettled: str | None = None
         try:
             recovered = self.engine.recover()
         except BusyError as error:
             log.warning("Recovery postponed: %s", error)
-            recovered = None
+        except Exception as error:
+            unsettled = self._journaled_attempt()
+            if unsettled is None:
+                raise
+            with deploy_context(unsettled):
+                log.error(
+                    "Could not settle the interrupted attempt yet: %s; trying again while "
+                    "serving, deploys are refused until it is settled",
+                    describe(error),
+                )
         if recovered is not None:
             log.info(
                 "Interrupted %s %s settled: %s", recovered.kind, recovered.id, recovered.outcome
@@ -402,12 +488,13 @@ class Coordinator:
             self._arm = arm
 
         for record in self.engine.history.unfinished():
-            if arm is not None and record.id == arm.id:
+            if record.id in (arm.id if arm is not None else None, unsettled):
                 continue
             outcome = "expired" if record.state == "armed" else "interrupted"
             self._finish_unstarted(
                 record.id, outcome, "the agent stopped before this attempt could finish"
             )
+        return unsettled
 
     def _arm_was_used(self, arm: Arm) -> bool:
         record = self.engine.history.get(arm.id)
@@ -530,6 +617,16 @@ class Coordinator:
         else:
             line = f"idle; watching {self.config.staging.dir}"
         self.notifier.status(line)
+
+
+def _log_settle_retry(state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome is not None else None
+    pause = state.next_action.sleep if state.next_action is not None else 0.0
+    log.error(
+        "Recording the deploy's outcome failed again: %s; next try in %.0f s",
+        describe(error) if isinstance(error, Exception) else error,
+        pause,
+    )
 
 
 def run_daemon(config_path: Path) -> int:

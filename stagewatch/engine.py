@@ -280,7 +280,7 @@ class Engine:
             return SWAPPING, f"snapshot {entry.snapshot} already taken"
 
         snapshot.remove_partials(self.config.database.snapshot_dir)
-        taken = snapshot.take_snapshot(self.config.database, entry.id, heartbeat)
+        taken = snapshot.take_snapshot(self.config.database, entry.id, heartbeat, prune=False)
         if taken is None:
             return SWAPPING, f"no database at {self.config.database.path}; snapshot skipped"
 
@@ -296,18 +296,12 @@ class Engine:
         if entry.kind == "rollback":
             releases_dir = self.config.state.releases_dir
             target = swap.find_release(releases_dir, entry.target_sha256 or "")
-            kept = swap.keep_current(install_path, releases_dir, heartbeat)
+            swap.keep_current(install_path, releases_dir, heartbeat)
+            swap.hold_previous(install_path)
             swap.install_release(target.path, install_path, heartbeat, target.sha256)
-            swap.prune_releases(releases_dir, self.config.state.keep_releases, protect=kept)
         else:
             copy = self._take_pending_copy(entry, heartbeat)
-            swap.install(
-                copy,
-                install_path,
-                self.config.state.releases_dir,
-                self.config.state.keep_releases,
-                heartbeat,
-            )
+            swap.install(copy, install_path, self.config.state.releases_dir, heartbeat)
 
         previous = (entry.previous_sha256 or "none")[:12]
         return RESTARTING, f"{install_path} now holds {entry.new_sha256}; previous {previous} kept"
@@ -345,7 +339,9 @@ class Engine:
         journal.write(self.config.state.journal_path, entry)
         record = self._save_record(entry)
         self._clear_staging(entry)
+        swap.release_previous(self.config.service.binary)
         journal.clear(self.config.state.journal_path)
+        self._prune(entry)
         if self.on_state is not None:
             self.on_state("idle", None)
 
@@ -509,6 +505,24 @@ class Engine:
         copy, self._pending_copy = self._pending_copy, None
         if copy is not None:
             copy.path.unlink(missing_ok=True)
+
+    def _prune(self, entry: Entry) -> None:
+        """Old releases and snapshots go once the attempt is decided, not before its restart.
+
+        Unlinking a large file takes long (a 256 MiB release, a 270 MiB snapshot: a quarter of
+        a second each on ext4 with `discard`); the deploy needs neither gone.
+        """
+        if entry.snapshot is not None:
+            snapshot.prune_after_success(self.config.database)
+
+        releases_dir = self.config.state.releases_dir
+        try:
+            swap.prune_releases(
+                releases_dir, self.config.state.keep_releases, protect=entry.previous_sha256
+            )
+        except OSError as error:
+            # An old release left over is retried at the next deploy.
+            log.warning("Could not prune kept releases in %s: %s", releases_dir, error.strerror)
 
     def _clear_staging(self, entry: Entry) -> None:
         """Remove the pair this attempt used; move a rejected one aside for the operator."""

@@ -1,10 +1,13 @@
 """Putting the previous release back after a failed deploy.
 
-The previous binary was kept under `<state.dir>/releases/<sha256>` before the swap; it goes
-back the same way the new one came in (a verified copy beside the install path, renamed over
-it), then the service is restarted and must pass the same health probation. With
-`database.restore_on_rollback`, the service is stopped instead and the deploy's snapshot is
-restored before it starts again, for releases that migrate the schema irreversibly.
+The previous binary keeps a second name beside the install path during the deploy
+(`swap.hold_previous`); it goes back by renaming that name over the install path once its
+digest is checked, which needs no free space. Where that name is gone, the copy kept under
+`<state.dir>/releases/<sha256>` goes back the way the new one came in (a verified copy beside
+the install path, renamed over it). Then the service is restarted and must pass the same
+health probation. With `database.restore_on_rollback`, the service is stopped instead and the
+deploy's snapshot is restored before it starts again, for releases that migrate the schema
+irreversibly.
 """
 
 from __future__ import annotations
@@ -38,10 +41,15 @@ def put_back(
         raise SwapError(f"there was no binary at {install_path} before this deploy to go back to")
 
     verify.remove_stale_copies(install_path)
-    if swap.installed_sha256(install_path, config.state.releases_dir) != previous_sha256:
-        release = swap.find_release(config.state.releases_dir, previous_sha256)
-        swap.install_release(release.path, install_path, heartbeat, previous_sha256)
-        log.info("Previous binary %s reinstalled at %s", previous_sha256[:12], install_path)
+    releases_dir = config.state.releases_dir
+    if swap.installed_sha256(install_path, releases_dir) != previous_sha256:
+        if swap.restore_previous(install_path, releases_dir, previous_sha256, heartbeat):
+            how = "renamed back"
+        else:
+            release = swap.find_release(releases_dir, previous_sha256)
+            swap.install_release(release.path, install_path, heartbeat, previous_sha256)
+            how = "copied back from its kept release"
+        log.info("Previous binary %s %s at %s", previous_sha256[:12], how, install_path)
 
     state_before = manager.state()
     if config.database.restore_on_rollback and snapshot_name is not None:

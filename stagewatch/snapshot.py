@@ -96,15 +96,19 @@ class Snapshot:
     created_at: datetime
 
 
-def take_snapshot(database: DatabaseConfig, label: str, heartbeat: Heartbeat) -> Snapshot | None:
+def take_snapshot(
+    database: DatabaseConfig, label: str, heartbeat: Heartbeat, *, prune: bool = True
+) -> Snapshot | None:
     """Copy the live database into `database.snapshot_dir`, check it, publish it, then prune.
 
     `label` (a deploy id, or "manual") is carried in the name, reduced to letters, digits,
-    `_` and `-`. Returns the new snapshot, or None with a warning logged when the database
-    does not exist and `database.missing_ok` is set. Raises SnapshotError when the database
-    is missing (otherwise), unreadable, not a database, when the copy fails or fails its
-    integrity check, or when the disk is full; then no `.partial` file is left behind and
-    the snapshots already there are untouched.
+    `_` and `-`. With `prune=False` the snapshots beyond `database.keep` stay until the caller
+    calls `prune_after_success`: a deploy prunes once it is decided, so that unlinking a large
+    old snapshot does not hold up its restart. Returns the new snapshot, or None with a
+    warning logged when the database does not exist and `database.missing_ok` is set.
+    Raises SnapshotError when the database is missing (otherwise), unreadable, not a
+    database, when the copy fails or fails its integrity check, or when the disk is full;
+    then no `.partial` file is left behind and the snapshots already there are untouched.
     """
     source = database.path
     if not source.exists():
@@ -143,7 +147,8 @@ def take_snapshot(database: DatabaseConfig, label: str, heartbeat: Heartbeat) ->
         _format_size(snapshot.size),
     )
 
-    _prune_after_success(snapshot_dir, database.keep)
+    if prune:
+        prune_after_success(database)
     return snapshot
 
 
@@ -519,10 +524,11 @@ def _discard_partial(partial: Path) -> None:
                 logger.debug("Removed %s", path)
 
 
-def _prune_after_success(snapshot_dir: Path, keep: int) -> None:
+def prune_after_success(database: DatabaseConfig) -> None:
+    """Prune beyond `database.keep` after a snapshot succeeded, logging instead of raising."""
     # The new snapshot is good; a failure to remove an old one must not fail the deploy.
     try:
-        prune_snapshots(snapshot_dir, keep)
+        prune_snapshots(database.snapshot_dir, database.keep)
     except (SnapshotError, OSError) as error:
         logger.warning("Old snapshots were not pruned, the next snapshot retries: %s", error)
 

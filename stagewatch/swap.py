@@ -9,6 +9,12 @@ the binary being replaced where both are on one filesystem (free and instant), e
 whose digest is checked. A release's mtime is when it was last kept; pruning removes the
 oldest beyond `keep_releases`.
 
+During a deploy the binary being replaced also keeps a second name beside the install path,
+`.<name>.previous` (a hard link: no data blocks). A rollback renames it back, so that putting
+the old binary back needs no free space in the install folder, which a deploy may just have
+filled; the copy in `releases_dir` is the fallback. The engine removes the name once the
+attempt is settled.
+
 Which release is installed is remembered in `installed.json` beside `releases_dir` (in the
 state folder, so that `releases_dir` holds nothing but releases): its sha256 and
 the installed file's identity (device, inode, size, mtime and ctime, all from stat(2)). While
@@ -80,19 +86,21 @@ def install(
     copy: VerifiedCopy,
     install_path: Path,
     releases_dir: Path,
-    keep_releases: int,
     heartbeat: Heartbeat,
 ) -> str | None:
     """Install the verified copy at `install_path`; return what was installed before.
 
-    Keeps the current binary as a release (`keep_current`), makes the copy mode 0755, renames
-    it over `install_path`, fsyncs the folder and prunes releases beyond `keep_releases`
-    (never the one just kept, which a rollback of this deploy needs). Return the sha256 of
-    the binary that was at `install_path` when called, None if there was none.
+    Keeps the current binary as a release (`keep_current`) and under its second name beside
+    `install_path` (`hold_previous`), makes the copy mode 0755, renames it over
+    `install_path` and fsyncs the folder. Pruning releases beyond `keep_releases` is left to
+    the caller, once the deploy is decided (`prune_releases`): it is not needed before the
+    restart, and unlinking a large file takes long. Return the sha256 of the binary that was
+    at `install_path` when called, None if there was none.
 
     Running it again after it succeeded, when the copy is gone and `install_path` already
     holds `copy.sha256`, changes nothing and returns `copy.sha256`. Raise SwapError when
-    anything fails: `install_path` then still holds the old binary, and the copy is removed.
+    anything fails: `install_path` then still holds the old binary, and the copy and the
+    second name are removed.
     """
     if copy.path.parent != install_path.parent:
         raise SwapError(
@@ -106,10 +114,12 @@ def install(
     started = time.monotonic()
     try:
         previous = keep_current(install_path, releases_dir, heartbeat)
+        hold_previous(install_path)
         _make_executable(copy)
         os.replace(copy.path, install_path)
     except BaseException as error:
         remove_if_present(copy.path)
+        remove_if_present(previous_path(install_path))
         if isinstance(error, OSError):
             raise SwapError(
                 f"cannot install {copy.sha256} at {install_path}: {error.strerror}"
@@ -117,11 +127,6 @@ def install(
         raise
 
     _finish_install(install_path, releases_dir, copy.sha256)
-    try:
-        prune_releases(releases_dir, keep_releases, protect=previous)
-    except OSError as error:
-        # The new binary is in place; an old release left over is retried at the next install.
-        logger.warning("Could not prune kept releases in %s: %s", releases_dir, error.strerror)
     logger.debug(
         "Installed %s at %s, replacing %s (%.2f s)",
         copy.sha256,
@@ -205,6 +210,83 @@ def keep_current(install_path: Path, releases_dir: Path, heartbeat: Heartbeat) -
         return None
 
     return sha256
+
+
+def previous_path(install_path: Path) -> Path:
+    """The second name of the binary being replaced, while a deploy may still roll back."""
+    return install_path.with_name(f".{install_path.name}.previous")
+
+
+def hold_previous(install_path: Path) -> bool:
+    """Give the binary at `install_path` its second name beside it; False where none can be.
+
+    A name left by an earlier attempt is replaced. Nothing is fsynced here: the rename of the
+    swap that follows fsyncs the same folder, and a name lost to a power cut only sends the
+    rollback to the copy in `releases_dir`. Return False when nothing is installed or the
+    filesystem has no hard links; raise SwapError when the name cannot be made otherwise.
+    """
+    held = previous_path(install_path)
+    try:
+        remove_if_present(held)
+        os.link(install_path, held, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    except OSError as error:
+        if error.errno in _NO_HARD_LINK_ERRORS:
+            logger.debug("No second name for %s: %s", install_path, error.strerror)
+            return False
+        raise SwapError(
+            f"cannot link {install_path} to {held.name} beside it: {error.strerror}"
+        ) from None
+
+    return True
+
+
+def restore_previous(
+    install_path: Path, releases_dir: Path, expected_sha256: str, heartbeat: Heartbeat
+) -> bool:
+    """Rename the second name (`hold_previous`) back over `install_path`, if it is intact.
+
+    The file is hashed first: only `expected_sha256` goes back. Return False, changing
+    nothing, when the name is missing or holds other bytes (it is then removed); raise
+    SwapError when the rename fails.
+    """
+    held = previous_path(install_path)
+    try:
+        with _open_regular(held, "the previous binary") as (descriptor, _):
+            sha256 = sha256_of_descriptor(descriptor, heartbeat)
+            if sha256 == expected_sha256:
+                os.fchmod(descriptor, EXECUTABLE_MODE)
+    except FileNotFoundError:
+        return False
+    except SwapError as error:
+        logger.warning("%s; putting back the kept release instead", error)
+        return False
+
+    if sha256 != expected_sha256:
+        logger.warning(
+            "%s holds %s, not the previous binary %s; putting back the kept release instead",
+            held,
+            sha256,
+            expected_sha256,
+        )
+        remove_if_present(held)
+        return False
+
+    try:
+        os.replace(held, install_path)
+    except OSError as error:
+        raise SwapError(
+            f"cannot rename {held.name} back over {install_path}: {error.strerror}"
+        ) from None
+    _finish_install(install_path, releases_dir, expected_sha256)
+    return True
+
+
+def release_previous(install_path: Path) -> None:
+    """Remove the second name once the attempt is settled; nothing to do when there is none."""
+    if remove_if_present(previous_path(install_path)):
+        fsync_directory(install_path.parent)
 
 
 def installed_sha256(

@@ -6,11 +6,13 @@ arms it over a real socket and watches it through GET /deploys/ID and GET /statu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from daemon_fixtures import (  # noqa: F401 - fixtures
     Daemon,
@@ -378,3 +380,37 @@ def test_under_journald_a_traceback_keeps_the_priority_on_every_line(
     assert any("Could not settle the interrupted deploy" in line for line in lines), lines
     unprefixed = [line for line in lines if not re.match(r"<[0-7]>", line)]
     assert not unprefixed, lines
+
+
+def test_a_deploy_stopped_by_a_full_state_folder_is_settled_once_there_is_room(
+    daemon_sandbox: MakeSandbox, mount_tmpfs: Callable[[str, str], Path]
+) -> None:
+    state = mount_tmpfs("state-tmpfs", "4m")
+    sandbox, daemon = daemon_sandbox(state__dir=str(state), health__stable_seconds=1.5)
+    daemon.start()
+    daemon.wait_serving()
+    armed = daemon.arm()
+    deploy_id = armed.document["id"]
+    new = sandbox.stage("2.0")
+
+    # Full while the health probation runs: the outcome cannot be journaled.
+    wait_for(lambda: daemon.state() == "checking", 15, "the probation to start")
+    filler = state / "filler"
+    with filler.open("wb") as stream, contextlib.suppress(OSError):
+        while True:
+            stream.write(b"\0" * 65536)
+            stream.flush()
+    daemon.wait_for_log("failed again", timeout=20)
+
+    refused = daemon.arm()
+    assert refused.status == 409, refused.document
+    assert (state / "journal.json").exists()
+
+    filler.unlink()
+    record = daemon.wait_outcome(deploy_id, timeout=60)
+
+    assert (record["state"], record["outcome"]) == ("finished", "succeeded"), record
+    assert sandbox.binary.read_bytes() == new
+    assert not (state / "journal.json").exists()
+    assert sorted(os.listdir(sandbox.binary.parent)) == ["dealspace"]
+    wait_for(lambda: daemon.state() == "idle", 10, "the daemon to be idle again")

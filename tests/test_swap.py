@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,12 +24,16 @@ from stagewatch.errors import SwapError
 from stagewatch.heartbeat import Heartbeat
 from stagewatch.swap import (
     find_release,
+    hold_previous,
     install,
     install_release,
     installed_sha256,
     keep_current,
     kept_releases,
+    previous_path,
     prune_releases,
+    release_previous,
+    restore_previous,
 )
 from stagewatch.verify import VerifiedCopy, stage_verified_copy
 
@@ -85,8 +90,12 @@ def deploy(
     data: bytes,
     keep_releases: int = 3,
 ) -> str | None:
+    """Verify and install `data`, then prune as the engine does once the deploy is decided."""
     copy = verified(staging, install_path, data)
-    return install(copy, install_path, releases_dir, keep_releases, CountingHeartbeat())
+    previous = install(copy, install_path, releases_dir, CountingHeartbeat())
+    prune_releases(releases_dir, keep_releases, protect=previous)
+    release_previous(install_path)
+    return previous
 
 
 def mode_of(path: Path) -> int:
@@ -175,10 +184,11 @@ def test_install_runs_twice_harmlessly(
 ) -> None:
     deploy(staging, install_path, releases_dir, release_bytes(1))
     copy = verified(staging, install_path, release_bytes(2))
-    install(copy, install_path, releases_dir, 3, CountingHeartbeat())
+    install(copy, install_path, releases_dir, CountingHeartbeat())
     releases_before = kept_releases(releases_dir)
 
-    again = install(copy, install_path, releases_dir, 3, CountingHeartbeat())
+    again = install(copy, install_path, releases_dir, CountingHeartbeat())
+    release_previous(install_path)
 
     assert again == copy.sha256
     assert install_path.read_bytes() == release_bytes(2)
@@ -195,7 +205,7 @@ def test_install_without_its_copy_and_without_its_bytes_in_place_fails(
     copy.path.unlink()
 
     with pytest.raises(SwapError, match=r"the verified copy is gone .* verify the release again"):
-        install(copy, install_path, releases_dir, 3, CountingHeartbeat())
+        install(copy, install_path, releases_dir, CountingHeartbeat())
     assert install_path.read_bytes() == release_bytes(1)
 
 
@@ -208,7 +218,7 @@ def test_copy_from_another_folder_is_refused(
     moved = VerifiedCopy(elsewhere, copy.sha256, copy.size, copy.checksum_sha256)
 
     with pytest.raises(SwapError, match="must be in the folder of"):
-        install(moved, install_path, releases_dir, 3, CountingHeartbeat())
+        install(moved, install_path, releases_dir, CountingHeartbeat())
 
 
 def test_copy_changed_after_verification_is_refused_and_removed(
@@ -220,7 +230,7 @@ def test_copy_changed_after_verification_is_refused_and_removed(
         stream.write(b"appended")
 
     with pytest.raises(SwapError, match="was changed after it was verified"):
-        install(copy, install_path, releases_dir, 3, CountingHeartbeat())
+        install(copy, install_path, releases_dir, CountingHeartbeat())
 
     assert install_path.read_bytes() == release_bytes(1)
     assert_only_the_binary_beside(install_path)
@@ -234,7 +244,7 @@ def test_symbolic_link_at_the_install_path_is_refused(
     copy = verified(staging, install_path, release_bytes(1))
 
     with pytest.raises(SwapError, match="cannot be read: it is a symbolic link"):
-        install(copy, install_path, releases_dir, 3, CountingHeartbeat())
+        install(copy, install_path, releases_dir, CountingHeartbeat())
 
     assert install_path.is_symlink()
     assert_only_the_binary_beside(install_path)
@@ -285,7 +295,7 @@ SWAP_SCRIPT = textwrap.dedent(
     if action == "install":
         staging = StagingConfig(dir=Path(staging_dir), max_size_mb=8)
         copy = stage_verified_copy(staging, install_path, None, detached())
-        install(copy, install_path, releases_dir, 3, detached())
+        install(copy, install_path, releases_dir, detached())
     else:
         install_release(releases_dir / release, install_path, detached(), release)
     """
@@ -554,7 +564,7 @@ def test_disk_full_while_keeping_leaves_the_old_binary_and_no_temporaries(
     copy = verified(staging, install_path, release_bytes(2))
 
     with pytest.raises(SwapError, match=r"^no space left beside .*releases/[0-9a-f]{64}: "):
-        install(copy, install_path, releases_dir, 3, CountingHeartbeat())
+        install(copy, install_path, releases_dir, CountingHeartbeat())
 
     assert install_path.read_bytes() == old
     assert mode_of(install_path) == 0o755
@@ -576,6 +586,88 @@ def test_disk_full_beside_the_install_path_leaves_the_old_binary_untouched(
     assert install_path.read_bytes() == old
     assert mode_of(install_path) == 0o755
     assert_only_the_binary_beside(install_path)
+
+
+def test_install_holds_the_previous_binary_beside_until_it_is_released(
+    staging: StagingConfig, install_path: Path, releases_dir: Path
+) -> None:
+    deploy(staging, install_path, releases_dir, release_bytes(1))
+    old_inode = install_path.stat().st_ino
+    copy = verified(staging, install_path, release_bytes(2))
+
+    install(copy, install_path, releases_dir, CountingHeartbeat())
+
+    held = previous_path(install_path)
+    assert held.read_bytes() == release_bytes(1)
+    assert held.stat().st_ino == old_inode
+    assert install_path.read_bytes() == release_bytes(2)
+
+    release_previous(install_path)
+
+    assert_only_the_binary_beside(install_path)
+    assert (releases_dir / sha256(release_bytes(1))).read_bytes() == release_bytes(1)
+
+
+def test_a_failed_install_leaves_no_second_name(
+    staging: StagingConfig, install_path: Path, releases_dir: Path
+) -> None:
+    deploy(staging, install_path, releases_dir, release_bytes(1))
+    copy = verified(staging, install_path, release_bytes(2))
+    os.chmod(copy.path, 0o700)
+    os.link(copy.path, install_path.with_name("second-name"))
+
+    with pytest.raises(SwapError, match="was changed after it was verified"):
+        install(copy, install_path, releases_dir, CountingHeartbeat())
+
+    assert sorted(os.listdir(install_path.parent)) == ["dealspace", "second-name"]
+    assert install_path.read_bytes() == release_bytes(1)
+
+
+def test_the_previous_binary_goes_back_by_rename_on_a_full_filesystem(
+    staging: StagingConfig, releases_dir: Path, mount_tmpfs: Callable[[str, str], Path]
+) -> None:
+    install_path = mount_tmpfs("full-bin", "4m") / "dealspace"
+    old = release_bytes(1, 1 * MiB)
+    deploy(staging, install_path, releases_dir, old)
+    copy = verified(staging, install_path, release_bytes(2, 1 * MiB))
+    install(copy, install_path, releases_dir, CountingHeartbeat())
+    filler = install_path.with_name("filler")
+    with filler.open("wb") as stream, contextlib.suppress(OSError):
+        while True:
+            stream.write(b"\0" * 65536)
+            stream.flush()
+
+    restored = restore_previous(install_path, releases_dir, sha256(old), CountingHeartbeat())
+
+    assert restored
+    assert install_path.read_bytes() == old
+    assert mode_of(install_path) == 0o755
+    assert installed_sha256(install_path, releases_dir) == sha256(old)
+    assert sorted(os.listdir(install_path.parent)) == ["dealspace", "filler"]
+
+
+def test_a_second_name_holding_other_bytes_is_not_put_back(
+    staging: StagingConfig, install_path: Path, releases_dir: Path
+) -> None:
+    deploy(staging, install_path, releases_dir, release_bytes(1))
+    copy = verified(staging, install_path, release_bytes(2))
+    install(copy, install_path, releases_dir, CountingHeartbeat())
+    held = previous_path(install_path)
+    held.unlink()
+    held.write_bytes(b"not the previous binary")
+
+    restored = restore_previous(
+        install_path, releases_dir, sha256(release_bytes(1)), CountingHeartbeat()
+    )
+
+    assert not restored
+    assert install_path.read_bytes() == release_bytes(2)
+    assert_only_the_binary_beside(install_path)
+
+
+def test_without_a_binary_installed_there_is_nothing_to_hold(install_path: Path) -> None:
+    assert not hold_previous(install_path)
+    assert not previous_path(install_path).exists()
 
 
 def make_release(releases_dir: Path, sha: str, mtime_seconds: int) -> Path:

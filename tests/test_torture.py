@@ -76,3 +76,20 @@ def test_deploy_commands_with_a_folder_filled_up_keep_every_guarantee(tmp_path: 
         "disk full: snapshots (command line)",
         "disk full: state (command line)",
     ], shown
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None,
+    reason="mounting a tmpfs needs root and unshare(1)",
+)
+def test_the_daemon_settles_its_deploy_by_itself_once_the_state_folder_has_room(
+    tmp_path: Path,
+) -> None:
+    arguments = ["--kills", "0", "--disk-full", "2", "--modes", "daemon", "--folders", "state"]
+    document, shown = torture(tmp_path, *arguments, timeout=240)
+    faults = document["faults"]
+
+    assert not [fault for fault in faults if fault["problems"]], shown
+    assert not document["broken"], shown
+    assert [fault["fault"] for fault in faults] == ["disk full: state (daemon)"] * 2, shown
