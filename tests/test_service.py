@@ -476,3 +476,32 @@ def test_control_is_active_without_a_pidfile_exits_3(tmp_path: Path) -> None:
 
     assert completed.returncode == 3
     assert completed.stdout == ""
+
+
+def test_control_is_active_names_the_recorded_process_only_while_it_is_that_process(
+    tmp_path: Path,
+) -> None:
+    pidfile = tmp_path / "pid"
+    argv = control_command(
+        "is-active", binary=tmp_path / "bin", pidfile=pidfile, log=tmp_path / "log"
+    )
+    process = subprocess.Popen(["sleep", "60"])
+    try:
+        fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        start_time = fields[19]
+
+        pidfile.write_text(f"{process.pid} {start_time}\n")
+        alive = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        # The same PID with another start time: a newcomer that reused it, not ours.
+        pidfile.write_text(f"{process.pid} {int(start_time) + 1}\n")
+        reused = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    finally:
+        process.kill()
+        process.wait()
+    pidfile.write_text(f"{process.pid} {start_time}\n")
+    gone = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+
+    assert (alive.returncode, alive.stdout) == (0, f"{process.pid}\n")
+    assert (reused.returncode, reused.stdout) == (3, "")
+    assert (gone.returncode, gone.stdout) == (3, "")
+    assert gone.stderr == f"not running ({pidfile} names no live process)\n"
