@@ -5,9 +5,12 @@ each file is opened once with O_NOFOLLOW (a symbolic link is refused, see open(2
 O_NONBLOCK (a FIFO is refused instead of blocking the open), and judged by fstat(2) on that
 descriptor, never by looking its name up again. The artifact is copied with
 copy_file_range(2) into a new file beside the install path that only stagewatch can write,
-and the copy itself is hashed while it is fsynced: the bytes installed are the bytes
-verified, even if the staged file changes afterwards. Hashing the copy costs little, since
-the kernel has just put its pages in the cache.
+and the copy itself is hashed: the bytes installed are the bytes verified, even if the staged
+file changes afterwards. Hashing the copy costs little, since the kernel has just put its
+pages in the cache. The three long parts overlap (`_copy_hash_and_sync`): while one chunk is
+copied, the one before it is hashed on another thread and written back to the disk by the
+kernel, so a verify takes about as long as the slowest of copying, hashing and writing back,
+not their sum.
 
 Temporaries are named by `fsutil.temporary_name(target, "incoming")`, so that recovery finds
 and removes them by their prefix (`remove_stale_copies`).
@@ -16,11 +19,13 @@ and removes them by their prefix (`remove_stale_copies`).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import hmac
 import logging
 import os
+import queue
 import stat
 import string
 import time
@@ -28,6 +33,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from stagewatch.checksum import MAX_CHECKSUM_FILE_BYTES, SHA256_HEX_DIGITS, parse_checksum_file
 from stagewatch.config import StagingConfig
@@ -187,9 +193,8 @@ def copy_beside(
         raise _destination_error(error, target, size) from None
 
     try:
-        copy_descriptor(source, descriptor, size, heartbeat)
         os.fchmod(descriptor, mode)
-        sha256 = _sync_and_hash(descriptor, heartbeat)
+        sha256 = _copy_hash_and_sync(source, descriptor, size, heartbeat)
         copied = os.fstat(descriptor).st_size
     except BaseException as error:
         os.close(descriptor)
@@ -202,27 +207,87 @@ def copy_beside(
     return PrivateCopy(temporary, sha256, copied)
 
 
-def _sync_and_hash(descriptor: int, heartbeat: Heartbeat) -> str:
-    """fsync the new file and hash it at the same time; return its sha256 once both are done.
+def _copy_hash_and_sync(source: int, destination: int, size: int, heartbeat: Heartbeat) -> str:
+    """Copy `source` into the new file `destination`, hash the copy, fsync it; return its sha256.
 
-    fsync(2) waits for the disk and hashing for the CPU, on pages the copy has just put in
-    the cache: run side by side, the slower of the two sets the time instead of their sum.
-    Only this process can write the file, so what is hashed is what is made durable.
+    Each chunk is handed to a hashing thread as soon as it is copied, and its writeback is
+    started at once (sync_file_range(2) with SYNC_FILE_RANGE_WRITE, which waits for nothing),
+    so the final fsync(2) finds little left to write. The hash is of the bytes read back from
+    `destination`, in order; only this process can write that file, so what is hashed is what
+    is made durable.
     """
-    with ThreadPoolExecutor(1, "stagewatch-fsync") as pool:
-        synced = pool.submit(os.fsync, descriptor)
-        sha256 = sha256_of_descriptor(descriptor, heartbeat)
-        synced.result()
+    chunks: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+    with ThreadPoolExecutor(1, "stagewatch-hash") as pool:
+        hashed = pool.submit(_hash_chunks, destination, chunks, heartbeat)
 
-    return sha256
+        def copied(offset: int, count: int) -> None:
+            chunks.put((offset, count))
+            _start_writeback(destination, offset, count)
+
+        try:
+            copy_descriptor(source, destination, size, heartbeat, on_chunk=copied)
+        finally:
+            chunks.put(None)
+        os.fsync(destination)
+        return hashed.result()
 
 
-def copy_descriptor(source: int, destination: int, size: int, heartbeat: Heartbeat) -> int:
+def _hash_chunks(
+    descriptor: int, chunks: queue.SimpleQueue[tuple[int, int] | None], heartbeat: Heartbeat
+) -> str:
+    """Hash the ranges of `descriptor` named on `chunks`, in order, until None arrives."""
+    digest = hashlib.sha256()
+    buffer = bytearray(HASH_BUFFER_BYTES)
+    view = memoryview(buffer)
+    while (chunk := chunks.get()) is not None:
+        offset, end = chunk[0], chunk[0] + chunk[1]
+        while offset < end:
+            read = os.preadv(descriptor, [view[: min(HASH_BUFFER_BYTES, end - offset)]], offset)
+            if read == 0:
+                raise OSError(errno.EIO, f"the copy ended at byte {offset} while being hashed")
+            digest.update(view[:read])
+            offset += read
+        heartbeat.beat()
+
+    return digest.hexdigest()
+
+
+def _start_writeback(descriptor: int, offset: int, count: int) -> None:
+    """Ask the kernel to start writing a range back now; a hint, so failures are ignored."""
+    if _sync_file_range is None:
+        return
+    _sync_file_range(descriptor, offset, count, _SYNC_FILE_RANGE_WRITE)
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    # Python's os module has no sync_file_range; the C library does, on Linux.
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except AttributeError:
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    function.restype = ctypes.c_int
+    return cast(Callable[[int, int, int, int], int], function)
+
+
+_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>
+_sync_file_range = _load_sync_file_range()
+
+
+def copy_descriptor(
+    source: int,
+    destination: int,
+    size: int,
+    heartbeat: Heartbeat,
+    *,
+    on_chunk: Callable[[int, int], None] | None = None,
+) -> int:
     """Copy up to `size` bytes from the start of `source` to the start of `destination`.
 
     Uses copy_file_range(2), falling back to sendfile(2) and then to reads and writes where
-    the kernel refuses the pair. Beats `heartbeat` per chunk. Return the number of bytes
-    copied, less than `size` only if `source` ended early.
+    the kernel refuses the pair. Beats `heartbeat` and calls `on_chunk(offset, count)` per
+    chunk copied. Return the number of bytes copied, less than `size` only if `source` ended
+    early.
     """
     methods = list(_COPY_METHODS)
     offset = 0
@@ -241,6 +306,8 @@ def copy_descriptor(source: int, destination: int, size: int, heartbeat: Heartbe
 
         if copied == 0:
             break
+        if on_chunk is not None:
+            on_chunk(offset, copied)
         offset += copied
         heartbeat.beat()
 
