@@ -10,8 +10,9 @@ one, so the instant the deploy reaches the service is known to the microsecond.
   (hashing the release, copying it with copy_file_range and fsyncing the copy, a backup of the
   database with `PRAGMA integrity_check` and an fsync).
 - settle_to_start: armed first, then the pair written; from the files' last mtime plus
-  `settle_seconds` until the deploy's first step starts (`steps[0].started_at`, which
-  stagewatch records with milliseconds, truncated).
+  `settle_seconds` until the deploy's first step starts (`steps[0].started_at`: when the
+  engine begins the step, its journal entry the first thing it writes; recorded with
+  milliseconds, truncated).
 - downtime: a probe in its own process GETs the service's /healthz every 5 ms; the longest
   time between two answers during a deploy, against the same during the service's restart
   command run alone.
@@ -191,7 +192,7 @@ def measure_overhead(host: DeployHost, quick: bool) -> Figure:
         f"{typical([push.total for push in pushes])}, of which bare hash + copy + snapshot "
         f"{typical([push.bare for push in pushes])}. Where the time goes (medians): arm to "
         f"the first step {typical([push.to_first_step for push in pushes])}; {parts}; "
-        f"between steps (journal and history writes) "
+        f"between steps (the log line and bookkeeping after each) "
         f"{typical([push.between_steps for push in pushes])}; restarting step to its command "
         f"{typical([push.restart_step_to_command for push in pushes])}. Worst overhead "
         f"{max(push.overhead for push in pushes) * 1000:.1f} ms."

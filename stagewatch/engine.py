@@ -181,14 +181,15 @@ class Engine:
             return self._finish(entry)
 
     def _run_step(self, entry: Entry) -> None:
+        # A step begins with its journal entry, so its time includes the writing of it.
         step = entry.step
+        started_at = utc_now()
+        started = time.monotonic()
         journal.write(self.config.state.journal_path, entry)
         self._save_record(entry, durable=False)
         if self.on_state is not None:
             self.on_state(step, entry.id)
 
-        started_at = utc_now()
-        started = time.monotonic()
         heartbeat = self._heartbeat(step)
         try:
             next_step, detail = self._step_handler(step)(entry, heartbeat)
@@ -340,8 +341,9 @@ class Engine:
         record = self._save_record(entry)
         self._clear_staging(entry)
         swap.release_previous(self.config.service.binary)
-        journal.clear(self.config.state.journal_path)
+        # Before the journal goes: an agent stopped in between prunes again when it recovers.
         self._prune(entry)
+        journal.clear(self.config.state.journal_path)
         if self.on_state is not None:
             self.on_state("idle", None)
 

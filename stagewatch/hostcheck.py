@@ -80,6 +80,14 @@ def _check_database(config: Config, problems: list[str], notes: list[str]) -> No
             "without snapshots)"
         )
 
+    folder = path.parent
+    if config.database.restore_on_rollback and not os.access(folder, os.W_OK | os.X_OK):
+        problems.append(
+            f"database.restore_on_rollback: this user cannot write in {folder}, so a rollback "
+            "could not put the snapshot back; set it to false, or give the agent's user write "
+            "access there (docs/operations.md says what the packaged unit allows)"
+        )
+
 
 def _check_secret(config: Config, problems: list[str], notes: list[str]) -> None:
     try:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
 from sandbox import Sandbox, sha256_of
 
@@ -116,6 +119,21 @@ def test_version_and_help_are_everywhere() -> None:
         )
         assert helped.returncode == 0, (command, helped.stderr)
         assert "Usage:" in helped.stdout
+
+
+def test_check_config_refuses_a_restore_on_rollback_that_could_not_write_the_database(
+    sandbox: Sandbox, mount_tmpfs: Callable[[str, str], Path]
+) -> None:
+    data = mount_tmpfs("read-only-data", "1m")
+    database = data / "dealspace.db"
+    sqlite3.connect(database).close()
+    subprocess.run(["mount", "-o", "remount,ro", str(data)], check=True)
+    sandbox.write_config(database__path=str(database), database__restore_on_rollback=True)
+
+    checked = stagewatch(sandbox, "check-config")
+
+    assert checked.returncode == 2
+    assert f"database.restore_on_rollback: this user cannot write in {data}" in checked.stderr
 
 
 def test_check_config_names_each_problem_and_exits_2(sandbox: Sandbox) -> None:

@@ -383,8 +383,9 @@ def test_under_journald_a_traceback_keeps_the_priority_on_every_line(
 
 
 def test_a_deploy_stopped_by_a_full_state_folder_is_settled_once_there_is_room(
-    daemon_sandbox: MakeSandbox, mount_tmpfs: Callable[[str, str], Path]
+    mount_tmpfs: Callable[[str, str], Path], daemon_sandbox: MakeSandbox
 ) -> None:
+    # mount_tmpfs first, so that it is unmounted after the daemon, which holds files there.
     state = mount_tmpfs("state-tmpfs", "4m")
     sandbox, daemon = daemon_sandbox(state__dir=str(state), health__stable_seconds=1.5)
     daemon.start()
