@@ -297,8 +297,8 @@ class Engine:
         if entry.kind == "rollback":
             releases_dir = self.config.state.releases_dir
             target = swap.find_release(releases_dir, entry.target_sha256 or "")
-            swap.keep_current(install_path, releases_dir, heartbeat)
-            swap.hold_previous(install_path)
+            kept = swap.keep_current(install_path, releases_dir, heartbeat)
+            swap.hold_previous(install_path, releases_dir, kept)
             swap.install_release(target.path, install_path, heartbeat, target.sha256)
         else:
             copy = self._take_pending_copy(entry, heartbeat)

@@ -1,10 +1,11 @@
 """Putting the previous release back after a failed deploy.
 
-The previous binary keeps a second name beside the install path during the deploy
-(`swap.hold_previous`); it goes back by renaming that name over the install path once its
-digest is checked, which needs no free space. Where that name is gone, the copy kept under
-`<state.dir>/releases/<sha256>` goes back the way the new one came in (a verified copy beside
-the install path, renamed over it). Then the service is restarted and must pass the same
+The previous binary was kept under `<state.dir>/releases/<sha256>` before the swap. It goes
+back by a rename over the install path of a file beside it, its digest checked first: a hard
+link to the kept release, or, where that is a copy on another filesystem, the second name the
+replaced binary kept beside the install path during the deploy (`swap.hold_previous`). Either
+needs no free space in the install folder; only where neither can be had is the release
+copied beside the install path. Then the service is restarted and must pass the same
 health probation. With `database.restore_on_rollback`, the service is stopped instead and the
 deploy's snapshot is restored before it starts again, for releases that migrate the schema
 irreversibly.
@@ -48,7 +49,7 @@ def put_back(
         else:
             release = swap.find_release(releases_dir, previous_sha256)
             swap.install_release(release.path, install_path, heartbeat, previous_sha256)
-            how = "copied back from its kept release"
+            how = "put back from its kept release"
         log.info("Previous binary %s %s at %s", previous_sha256[:12], how, install_path)
 
     state_before = manager.state()

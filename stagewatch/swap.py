@@ -9,11 +9,12 @@ the binary being replaced where both are on one filesystem (free and instant), e
 whose digest is checked. A release's mtime is when it was last kept; pruning removes the
 oldest beyond `keep_releases`.
 
-During a deploy the binary being replaced also keeps a second name beside the install path,
-`.<name>.previous` (a hard link: no data blocks). A rollback renames it back, so that putting
-the old binary back needs no free space in the install folder, which a deploy may just have
-filled; the copy in `releases_dir` is the fallback. The engine removes the name once the
-attempt is settled.
+Putting a release back needs no free space in the install folder, which a deploy may just
+have filled: where `releases_dir` is on the install path's filesystem, the release is linked
+beside the install path and renamed over it. Where it is not (the release is a copy), the
+binary being replaced keeps a second name beside the install path during the deploy,
+`.<name>.previous`, also a hard link, which a rollback renames back; the engine removes it
+once the attempt is settled.
 
 Which release is installed is remembered in `installed.json` beside `releases_dir` (in the
 state folder, so that `releases_dir` holds nothing but releases): its sha256 and
@@ -50,6 +51,7 @@ from stagewatch.heartbeat import Heartbeat
 from stagewatch.verify import (
     NO_FOLLOW_OPEN_FLAGS,
     TEMPORARY_PURPOSE,
+    PrivateCopy,
     VerifiedCopy,
     copy_beside,
     sha256_of_descriptor,
@@ -90,8 +92,9 @@ def install(
 ) -> str | None:
     """Install the verified copy at `install_path`; return what was installed before.
 
-    Keeps the current binary as a release (`keep_current`) and under its second name beside
-    `install_path` (`hold_previous`), makes the copy mode 0755, renames it over
+    Keeps the current binary as a release (`keep_current`), and under a second name beside
+    `install_path` where the release is a copy (`hold_previous`), makes the copy mode 0755,
+    renames it over
     `install_path` and fsyncs the folder. Pruning releases beyond `keep_releases` is left to
     the caller, once the deploy is decided (`prune_releases`): it is not needed before the
     restart, and unlinking a large file takes long. Return the sha256 of the binary that was
@@ -114,7 +117,7 @@ def install(
     started = time.monotonic()
     try:
         previous = keep_current(install_path, releases_dir, heartbeat)
-        hold_previous(install_path)
+        hold_previous(install_path, releases_dir, previous)
         _make_executable(copy)
         os.replace(copy.path, install_path)
     except BaseException as error:
@@ -148,12 +151,13 @@ def install_release(
 ) -> None:
     """Put a kept release back at `install_path` (a rollback).
 
-    Copies `release_path` beside `install_path`, fsyncs the copy, checks that its sha256 is
-    `expected_sha256`, makes it mode 0755, renames it over `install_path` and fsyncs the
-    folder. `releases_dir` (default: the release's folder) tells where the installed release
-    is remembered. The current binary is not kept: call `keep_current` first for that. Raise
-    SwapError when `expected_sha256` is not a digest or the release cannot be read or is
-    damaged; `install_path` is then untouched and nothing is left beside it.
+    Links `release_path` beside `install_path` (no space needed) or, across filesystems,
+    copies it there and fsyncs the copy; checks that its sha256 is `expected_sha256`, makes
+    it mode 0755, renames it over `install_path` and fsyncs the folder. `releases_dir`
+    (default: the release's folder) tells where the installed release is remembered. The
+    current binary is not kept: call `keep_current` first for that. Raise SwapError when
+    `expected_sha256` is not a digest or the release cannot be read or is damaged;
+    `install_path` is then untouched and nothing is left beside it.
     """
     started = time.monotonic()
     wanted = expected_sha256.strip().lower()
@@ -162,9 +166,11 @@ def install_release(
 
     try:
         with _open_regular(release_path, "the kept release") as (descriptor, status):
-            copy = copy_beside(
-                descriptor, status.st_size, install_path, heartbeat, mode=EXECUTABLE_MODE
-            )
+            copy = _link_beside(release_path, descriptor, status, install_path, heartbeat)
+            if copy is None:
+                copy = copy_beside(
+                    descriptor, status.st_size, install_path, heartbeat, mode=EXECUTABLE_MODE
+                )
     except FileNotFoundError:
         raise SwapError(
             f"{release_path}: the kept release is missing; see `stagewatch history`"
@@ -189,6 +195,49 @@ def install_release(
     logger.debug(
         "Put release %s back at %s (%.2f s)", wanted, install_path, time.monotonic() - started
     )
+
+
+def _link_beside(
+    release_path: Path,
+    descriptor: int,
+    status: os.stat_result,
+    install_path: Path,
+    heartbeat: Heartbeat,
+) -> PrivateCopy | None:
+    """Link the open release beside `install_path` and hash it; None across filesystems."""
+    link = temporary_name(install_path, TEMPORARY_PURPOSE)
+    try:
+        os.link(release_path, link, follow_symlinks=False)
+    except OSError as error:
+        if error.errno not in _NO_HARD_LINK_ERRORS:
+            raise _link_error(error, install_path) from None
+        return None
+
+    try:
+        # The name was looked up again to link it; it must still be the file held open.
+        if not _is_same_file(link, status):
+            raise SwapError(f"{release_path}: was replaced while it was being put back")
+        os.chmod(link, EXECUTABLE_MODE, follow_symlinks=False)
+        sha256 = sha256_of_descriptor(descriptor, heartbeat)
+        _fsync_path(link)
+    except BaseException:
+        remove_if_present(link)
+        raise
+
+    return PrivateCopy(link, sha256, status.st_size)
+
+
+def _fsync_path(path: Path) -> None:
+    # Its bytes were made durable when the release was kept; this covers its new mode.
+    descriptor = os.open(path, NO_FOLLOW_OPEN_FLAGS)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _link_error(error: OSError, install_path: Path) -> SwapError:
+    return SwapError(f"cannot link a kept release beside {install_path}: {error.strerror}")
 
 
 def keep_current(install_path: Path, releases_dir: Path, heartbeat: Heartbeat) -> str | None:
@@ -217,17 +266,23 @@ def previous_path(install_path: Path) -> Path:
     return install_path.with_name(f".{install_path.name}.previous")
 
 
-def hold_previous(install_path: Path) -> bool:
-    """Give the binary at `install_path` its second name beside it; False where none can be.
+def hold_previous(install_path: Path, releases_dir: Path, kept_sha256: str | None) -> bool:
+    """Give the binary at `install_path` a second name beside it, unless it needs none.
 
-    A name left by an earlier attempt is replaced. Nothing is fsynced here: the rename of the
-    swap that follows fsyncs the same folder, and a name lost to a power cut only sends the
-    rollback to the copy in `releases_dir`. Return False when nothing is installed or the
-    filesystem has no hard links; raise SwapError when the name cannot be made otherwise.
+    None is needed when its kept release `releases_dir/<kept_sha256>` is the installed file
+    itself (a hard link), since a rollback links that back. A name left by an earlier attempt
+    is replaced. Nothing is fsynced here: the rename of the swap that follows fsyncs the same
+    folder, and a name lost to a power cut only sends the rollback to the copy in
+    `releases_dir`. Return whether the name was made: False also when nothing is installed or
+    the filesystem has no hard links. Raise SwapError when the name cannot be made otherwise.
     """
     held = previous_path(install_path)
     try:
         remove_if_present(held)
+        if kept_sha256 is None or _is_same_file(
+            releases_dir / kept_sha256, os.stat(install_path, follow_symlinks=False)
+        ):
+            return False
         os.link(install_path, held, follow_symlinks=False)
     except FileNotFoundError:
         return False

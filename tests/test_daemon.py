@@ -397,10 +397,9 @@ def test_a_deploy_stopped_by_a_full_state_folder_is_settled_once_there_is_room(
     # Full while the health probation runs: the outcome cannot be journaled.
     wait_for(lambda: daemon.state() == "checking", 15, "the probation to start")
     filler = state / "filler"
-    with filler.open("wb") as stream, contextlib.suppress(OSError):
+    with filler.open("wb", buffering=0) as stream, contextlib.suppress(OSError):
         while True:
             stream.write(b"\0" * 65536)
-            stream.flush()
     daemon.wait_for_log("failed again", timeout=20)
 
     refused = daemon.arm()

@@ -588,9 +588,10 @@ def test_disk_full_beside_the_install_path_leaves_the_old_binary_untouched(
     assert_only_the_binary_beside(install_path)
 
 
-def test_install_holds_the_previous_binary_beside_until_it_is_released(
-    staging: StagingConfig, install_path: Path, releases_dir: Path
+def test_install_across_filesystems_holds_the_previous_binary_beside_until_released(
+    staging: StagingConfig, install_path: Path, mount_tmpfs: Callable[[str, str], Path]
 ) -> None:
+    releases_dir = mount_tmpfs("other-releases", "8m") / "releases"
     deploy(staging, install_path, releases_dir, release_bytes(1))
     old_inode = install_path.stat().st_ino
     copy = verified(staging, install_path, release_bytes(2))
@@ -608,12 +609,23 @@ def test_install_holds_the_previous_binary_beside_until_it_is_released(
     assert (releases_dir / sha256(release_bytes(1))).read_bytes() == release_bytes(1)
 
 
-def test_a_failed_install_leaves_no_second_name(
+def test_install_on_one_filesystem_needs_no_second_name(
     staging: StagingConfig, install_path: Path, releases_dir: Path
 ) -> None:
     deploy(staging, install_path, releases_dir, release_bytes(1))
     copy = verified(staging, install_path, release_bytes(2))
-    os.chmod(copy.path, 0o700)
+
+    install(copy, install_path, releases_dir, CountingHeartbeat())
+
+    assert_only_the_binary_beside(install_path)
+
+
+def test_a_failed_install_leaves_no_second_name(
+    staging: StagingConfig, install_path: Path, mount_tmpfs: Callable[[str, str], Path]
+) -> None:
+    releases_dir = mount_tmpfs("other-releases", "8m") / "releases"
+    deploy(staging, install_path, releases_dir, release_bytes(1))
+    copy = verified(staging, install_path, release_bytes(2))
     os.link(copy.path, install_path.with_name("second-name"))
 
     with pytest.raises(SwapError, match="was changed after it was verified"):
@@ -621,6 +633,14 @@ def test_a_failed_install_leaves_no_second_name(
 
     assert sorted(os.listdir(install_path.parent)) == ["dealspace", "second-name"]
     assert install_path.read_bytes() == release_bytes(1)
+
+
+def fill(folder: Path) -> None:
+    """Write into `folder` until its filesystem has no space left."""
+    # Unbuffered, so that closing the file has nothing left to write.
+    with (folder / "filler").open("wb", buffering=0) as stream, contextlib.suppress(OSError):
+        while True:
+            stream.write(b"\0" * 65536)
 
 
 def test_the_previous_binary_goes_back_by_rename_on_a_full_filesystem(
@@ -631,11 +651,7 @@ def test_the_previous_binary_goes_back_by_rename_on_a_full_filesystem(
     deploy(staging, install_path, releases_dir, old)
     copy = verified(staging, install_path, release_bytes(2, 1 * MiB))
     install(copy, install_path, releases_dir, CountingHeartbeat())
-    filler = install_path.with_name("filler")
-    with filler.open("wb") as stream, contextlib.suppress(OSError):
-        while True:
-            stream.write(b"\0" * 65536)
-            stream.flush()
+    fill(install_path.parent)
 
     restored = restore_previous(install_path, releases_dir, sha256(old), CountingHeartbeat())
 
@@ -646,9 +662,29 @@ def test_the_previous_binary_goes_back_by_rename_on_a_full_filesystem(
     assert sorted(os.listdir(install_path.parent)) == ["dealspace", "filler"]
 
 
-def test_a_second_name_holding_other_bytes_is_not_put_back(
-    staging: StagingConfig, install_path: Path, releases_dir: Path
+def test_a_release_on_the_same_full_filesystem_goes_back_as_a_link(
+    staging: StagingConfig, mount_tmpfs: Callable[[str, str], Path]
 ) -> None:
+    root = mount_tmpfs("full-host", "4m")
+    install_path, releases_dir = root / "bin" / "dealspace", root / "state" / "releases"
+    install_path.parent.mkdir()
+    old = release_bytes(1, 1 * MiB)
+    deploy(staging, install_path, releases_dir, old)
+    deploy(staging, install_path, releases_dir, release_bytes(2, 1 * MiB))
+    fill(root)
+
+    install_release(releases_dir / sha256(old), install_path, CountingHeartbeat(), sha256(old))
+
+    assert install_path.read_bytes() == old
+    assert install_path.stat().st_ino == (releases_dir / sha256(old)).stat().st_ino
+    assert mode_of(install_path) == 0o755
+    assert_only_the_binary_beside(install_path)
+
+
+def test_a_second_name_holding_other_bytes_is_not_put_back(
+    staging: StagingConfig, install_path: Path, mount_tmpfs: Callable[[str, str], Path]
+) -> None:
+    releases_dir = mount_tmpfs("other-releases", "8m") / "releases"
     deploy(staging, install_path, releases_dir, release_bytes(1))
     copy = verified(staging, install_path, release_bytes(2))
     install(copy, install_path, releases_dir, CountingHeartbeat())
@@ -665,8 +701,10 @@ def test_a_second_name_holding_other_bytes_is_not_put_back(
     assert_only_the_binary_beside(install_path)
 
 
-def test_without_a_binary_installed_there_is_nothing_to_hold(install_path: Path) -> None:
-    assert not hold_previous(install_path)
+def test_without_a_binary_installed_there_is_nothing_to_hold(
+    install_path: Path, releases_dir: Path
+) -> None:
+    assert not hold_previous(install_path, releases_dir, None)
     assert not previous_path(install_path).exists()
 
 
