@@ -185,7 +185,8 @@ class Engine:
         step = entry.step
         started_at = utc_now()
         started = time.monotonic()
-        journal.write(self.config.state.journal_path, entry)
+        before_any_change = step in (VERIFYING, SNAPSHOTTING)
+        journal.write(self.config.state.journal_path, entry, before_any_change=before_any_change)
         self._save_record(entry, durable=False)
         if self.on_state is not None:
             self.on_state(step, entry.id)

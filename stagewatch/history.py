@@ -118,10 +118,10 @@ class History:
         """Insert or replace the record with this id.
 
         `durable=False` is for progress on the way (the step a deploy is at): the journal is
-        the truth about an unfinished deploy, so such a save need not wait for the disk. A
-        durable save is also checkpointed into the database file itself, so that between
-        attempts the file alone holds the whole history: a backup of it, or an agent that
-        stops, finds nothing waiting in the write-ahead log.
+        the truth about an unfinished deploy, so such a save need not wait for the disk. The
+        save of a finished record is also checkpointed into the database file itself, so that
+        between attempts the file alone holds the whole history: a backup of it, or an agent
+        that stops, finds nothing waiting in the write-ahead log.
         """
         row = asdict(record)
         row["steps"] = json.dumps(record.steps)
@@ -133,7 +133,7 @@ class History:
                 f"INSERT OR REPLACE INTO attempts ({columns}) VALUES ({placeholders})",  # noqa: S608 - column names are ours
                 row,
             )
-            if durable:
+            if durable and record.outcome is not None:
                 # PASSIVE never waits for a reader (the command line's, say); what a reader
                 # holds back is copied by the next durable save's checkpoint.
                 connection.execute("PRAGMA wal_checkpoint(PASSIVE)")

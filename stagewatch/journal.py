@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from stagewatch.errors import RecoveryError
-from stagewatch.fsutil import atomic_write_bytes, fsync_directory, remove_if_present
+from stagewatch.fsutil import Sync, atomic_write_bytes, fsync_directory, remove_if_present
 
 JOURNAL_FORMAT = 1
 
@@ -66,9 +66,17 @@ def read(path: Path) -> Entry | None:
         ) from None
 
 
-def write(path: Path, entry: Entry) -> None:
+def write(path: Path, entry: Entry, *, before_any_change: bool = False) -> None:
+    """Replace the journal with `entry`.
+
+    `before_any_change` is for an entry written while nothing on the host has changed yet
+    (verifying, snapshotting): a power cut may then undo the replacement, since going back
+    to the entry before it, or to none, loses nothing, so the folder is not fsynced. The
+    content is, so that the file is never torn.
+    """
     document = {"format": JOURNAL_FORMAT, **asdict(entry)}
-    atomic_write_bytes(path, json.dumps(document, indent=1).encode())
+    sync: Sync = "content" if before_any_change else "all"
+    atomic_write_bytes(path, json.dumps(document, indent=1).encode(), sync=sync)
 
 
 def clear(path: Path) -> None:

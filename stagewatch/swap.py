@@ -498,7 +498,9 @@ def _finish_install(install_path: Path, releases_dir: Path, sha256: str) -> None
         status = os.stat(install_path, follow_symlinks=False)
         record = {"sha256": sha256, "identity": _identity(status)}
         releases_dir.parent.mkdir(mode=RELEASES_DIR_MODE, parents=True, exist_ok=True)
-        atomic_write_bytes(_record_path(releases_dir), json.dumps(record).encode())
+        # Not fsynced: the record is checked against the file it describes before it is
+        # believed, and an empty or stale one only costs a hashing pass.
+        atomic_write_bytes(_record_path(releases_dir), json.dumps(record).encode(), sync="none")
     except OSError as error:
         raise SwapError(
             f"{install_path} now holds {sha256}, but making that durable failed: {error.strerror}"

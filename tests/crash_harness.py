@@ -24,9 +24,9 @@ write_journal = journal.write
 seen = 0
 
 
-def write_then_die(path: Path, entry: Any) -> None:
+def write_then_die(path: Path, entry: Any, **options: Any) -> None:
     global seen
-    write_journal(path, entry)
+    write_journal(path, entry, **options)
     if entry.step == target_step:
         seen += 1
         if seen == occurrence:

@@ -30,7 +30,7 @@ def ids_in_the_file_alone(path: Path, tmp_path: Path) -> list[str]:
         return [row[0] for row in connection.execute("SELECT id FROM attempts ORDER BY id")]
 
 
-def test_a_durable_save_reaches_the_database_file_itself(tmp_path: Path) -> None:
+def test_the_save_of_a_finished_record_reaches_the_database_file_itself(tmp_path: Path) -> None:
     history = History(tmp_path / "history.db")
     history.save(record("a-progress"), durable=False)
     before = ids_in_the_file_alone(history.path, tmp_path)
