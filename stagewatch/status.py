@@ -47,10 +47,16 @@ def read_arm(config: Config) -> Arm | None:
 
 
 def write_arm(config: Config, arm: Arm | None) -> None:
+    """Persist the arm (None: remove it) for a restart of the agent.
+
+    The agent's crash cannot lose it; a power cut may, since the folder is not fsynced: the
+    arm's history record, saved durably beside it, then ends as expired, and the build
+    machine that polls it arms again.
+    """
     if arm is None:
         remove_if_present(config.state.arm_path)
         return
-    atomic_write_bytes(config.state.arm_path, json.dumps(asdict(arm)).encode())
+    atomic_write_bytes(config.state.arm_path, json.dumps(asdict(arm)).encode(), sync="content")
 
 
 def current_status(
