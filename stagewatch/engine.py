@@ -101,6 +101,7 @@ class Engine:
         # crash, and recovery does without them: it verifies again, or checks health afresh.
         self._pending_copy: verify.VerifiedCopy | None = None
         self._service_state_before: Future[ServiceState] | None = None
+        self._snapshot_pruning: Future[None] | None = None
 
     # The public operations: each takes the lock and first settles an interrupted attempt.
 
@@ -287,6 +288,7 @@ class Engine:
             return SWAPPING, f"no database at {self.config.database.path}; snapshot skipped"
 
         entry.snapshot = taken.name
+        self._prune_snapshots_in_background()
         return SWAPPING, f"snapshot {taken.name} ({taken.size} bytes, integrity ok)"
 
     def _swap(self, entry: Entry, heartbeat: Heartbeat) -> tuple[str, str]:
@@ -455,6 +457,12 @@ class Engine:
         self._service_state_before = pool.submit(self.manager.state)
         pool.shutdown(wait=False)
 
+    def _prune_snapshots_in_background(self) -> None:
+        """Remove the snapshot beyond `keep` beside the swap and restart, not before them."""
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot-pruning")
+        self._snapshot_pruning = pool.submit(snapshot.prune_after_success, self.config.database)
+        pool.shutdown(wait=False)
+
     def _service_state_before_restart(self) -> ServiceState | None:
         """The state asked for before the restart; None when it could not be had."""
         if self._service_state_before is None:
@@ -510,12 +518,18 @@ class Engine:
             copy.path.unlink(missing_ok=True)
 
     def _prune(self, entry: Entry) -> None:
-        """Old releases and snapshots go once the attempt is decided, not before its restart.
+        """Old releases go once the attempt is decided, not before its restart; the snapshot
+        beyond `keep` is gone by then (`_prune_snapshots_in_background`).
 
         Unlinking a large file takes long (a 256 MiB release, a 270 MiB snapshot: a quarter of
         a second each on ext4 with `discard`); the deploy needs neither gone.
         """
+        pruning, self._snapshot_pruning = self._snapshot_pruning, None
+        if pruning is not None:
+            pruning.result()
         if entry.snapshot is not None:
+            # After a crash the background pruning may not have run; when it has, this finds
+            # nothing to remove.
             snapshot.prune_after_success(self.config.database)
 
         releases_dir = self.config.state.releases_dir

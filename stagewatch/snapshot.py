@@ -103,8 +103,8 @@ def take_snapshot(
 
     `label` (a deploy id, or "manual") is carried in the name, reduced to letters, digits,
     `_` and `-`. With `prune=False` the snapshots beyond `database.keep` stay until the caller
-    calls `prune_after_success`: a deploy prunes once it is decided, so that unlinking a large
-    old snapshot does not hold up its restart. Returns the new snapshot, or None with a
+    calls `prune_after_success`: a deploy prunes in the background, so that unlinking a large
+    old snapshot does not hold up its swap and restart. Returns the new snapshot, or None with a
     warning logged when the database does not exist and `database.missing_ok` is set.
     Raises SnapshotError when the database is missing (otherwise), unreadable, not a
     database, when the copy fails or fails its integrity check, or when the disk is full;
