@@ -411,6 +411,7 @@ def test_a_deploy_stopped_by_a_full_state_folder_is_settled_once_there_is_room(
 
     assert (record["state"], record["outcome"]) == ("finished", "succeeded"), record
     assert sandbox.binary.read_bytes() == new
+    # The outcome is saved first; the journal goes last, once the attempt is tidied up.
+    wait_for(lambda: daemon.state() == "idle", 10, "the daemon to be idle again")
     assert not (state / "journal.json").exists()
     assert sorted(os.listdir(sandbox.binary.parent)) == ["dealspace"]
-    wait_for(lambda: daemon.state() == "idle", 10, "the daemon to be idle again")

@@ -507,7 +507,7 @@ def test_kernel_queue_overflow_makes_the_watcher_look_again(staging_dir: Path) -
     # events than fs.inotify.max_queued_events are made; the pair written after them has no
     # event of its own, so only the look that follows the overflow can find it.
     limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
-    noise = [staging_dir / "noise-a", staging_dir / "noise-b"]
+    noise = [staging_dir / f"noise-{index}" for index in range(64)]
     for path in noise:
         path.touch()
     content = b"release written while the events were dropped"
@@ -527,9 +527,10 @@ def test_kernel_queue_overflow_makes_the_watcher_look_again(staging_dir: Path) -
 
         child.send_signal(signal.SIGSTOP)
         wait_for(lambda: _thread_states(child.pid) == {"T"}, what="every thread to stop")
-        for index in range(limit + 4096):
-            # Alternating names, since identical successive events are merged (inotify(7)).
-            os.utime(noise[index % 2])
+        for index in range(2 * limit):
+            # Rotating names, since identical successive events are merged (inotify(7)),
+            # and twice the limit, so that no merging can keep the queue under it.
+            os.utime(noise[index % len(noise)])
         write_pair(staging_dir, content)
         stopped_states = _thread_states(child.pid)
         child.send_signal(signal.SIGCONT)
