@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import socket
 import sqlite3
 import time
@@ -33,10 +34,30 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "c
         time.sleep(0.02)
 
 
+# Each pytest-xdist worker takes its ports from a block of its own, below the kernel's
+# ephemeral range: a port that one test releases (a daemon it restarts on the same port) can
+# then never be handed to another worker's test by bind(2) to port 0 in the meantime.
+_PORT_BLOCK_START = 12000
+_PORT_BLOCK_SIZE = 1500
+_next_ports: dict[int, int] = {}
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A port on 127.0.0.1 that nothing listens on, from this test worker's own block."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    block = int(worker) if worker.isdigit() else 0
+    first = _PORT_BLOCK_START + block * _PORT_BLOCK_SIZE
+    offset = _next_ports.get(block, 0)
+    for step in range(_PORT_BLOCK_SIZE):
+        port = first + (offset + step) % _PORT_BLOCK_SIZE
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _next_ports[block] = (offset + step + 1) % _PORT_BLOCK_SIZE
+        return port
+    raise RuntimeError(f"no free port between {first} and {first + _PORT_BLOCK_SIZE - 1}")
 
 
 def sha256_of(path: Path) -> str:

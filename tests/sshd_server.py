@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import socket
 import stat
 import subprocess
 import time
@@ -24,6 +23,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from sandbox import free_port
 
 SSHD = Path("/usr/sbin/sshd")
 DEPLOY_USER = "swdeploy"
@@ -185,12 +186,6 @@ def traversable(path: Path) -> Iterator[None]:
     finally:
         for folder, mode in reversed(changed):
             folder.chmod(mode)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @contextmanager

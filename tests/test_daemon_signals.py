@@ -93,7 +93,13 @@ def test_sigterm_during_a_step_exits_within_5_s_and_the_next_start_settles_the_d
     armed = daemon.arm({"version": "2.0"})
     deploy_id = armed.document["id"]
 
-    wait_for(lambda: daemon.state() == step, 30, f"the deploy to be {step}")
+    # The daemon says "verifying" from the moment it starts the deploy, a moment before the
+    # journal holds the attempt: wait for both, so that the signal lands inside the step.
+    wait_for(
+        lambda: daemon.state() == step and journal_step(sandbox) == step,
+        30,
+        f"the deploy to be {step}",
+    )
     seconds = daemon.stop(signal.SIGTERM, timeout=5)
 
     assert daemon.process is not None and daemon.process.returncode == 0, daemon.log()
