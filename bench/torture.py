@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import deploy_child
 from common import Daemon, Sandbox, request, wait_for
+from sandbox import PORTS_VARIABLE, port_blocks
 
 from stagewatch import journal, lock
 from stagewatch.errors import RecoveryError
@@ -698,6 +699,8 @@ def run(arguments: argparse.Namespace) -> int:
     )
 
     workers: list[tuple[subprocess.Popen[bytes], Path]] = []
+    # Each worker's hosts take their ports from a block of its own.
+    blocks = iter(port_blocks(arguments.jobs + 1))
     shares = [arguments.kills // arguments.jobs] * arguments.jobs
     for index in range(arguments.kills % arguments.jobs):
         shares[index] += 1
@@ -706,7 +709,7 @@ def run(arguments: argparse.Namespace) -> int:
             output = work / f"kills-{index}.json"
             argv = _worker_argv("kills", share, seed + index, output, work)
             argv += ["--daemon-share", str(arguments.daemon_share)]
-            workers.append((subprocess.Popen(argv), output))
+            workers.append((subprocess.Popen(argv, env=_with_ports(next(blocks))), output))
     if arguments.disk_full:
         if os.geteuid() != 0 or shutil.which("unshare") is None:
             _progress("disk-full runs skipped: they need root and unshare(1) to mount tmpfs")
@@ -715,7 +718,7 @@ def run(arguments: argparse.Namespace) -> int:
             argv = ["unshare", "--mount", "--propagation", "private", "--"]
             argv += _worker_argv("disk-full", arguments.disk_full, seed + 1000, output, work)
             argv += ["--folders", arguments.folders, "--modes", arguments.modes]
-            workers.append((subprocess.Popen(argv), output))
+            workers.append((subprocess.Popen(argv, env=_with_ports(next(blocks))), output))
 
     faults: list[Fault] = []
     broken: list[str] = []
@@ -734,6 +737,10 @@ def run(arguments: argparse.Namespace) -> int:
     if arguments.work is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0 if faults and not broken and all(fault.survived for fault in faults) else 1
+
+
+def _with_ports(block: str) -> dict[str, str]:
+    return {**os.environ, PORTS_VARIABLE: block}
 
 
 def run_worker(arguments: argparse.Namespace) -> int:

@@ -34,30 +34,53 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0, what: str = "c
         time.sleep(0.02)
 
 
-# Each pytest-xdist worker takes its ports from a block of its own, below the kernel's
-# ephemeral range: a port that one test releases (a daemon it restarts on the same port) can
-# then never be handed to another worker's test by bind(2) to port 0 in the meantime.
+# Ports for the test suite's servers come from below the kernel's ephemeral range (32768 and
+# up, where every client connection takes its local port), and from a block of this process's
+# own: each pytest-xdist worker has one, and a process that starts workers of its own (the
+# torture run) splits its block among them through PORTS_VARIABLE. A port that a test releases
+# (a daemon it restarts on the same port) is then never handed to anyone else meanwhile.
+PORTS_VARIABLE = "STAGEWATCH_TEST_PORTS"
 _PORT_BLOCK_START = 12000
-_PORT_BLOCK_SIZE = 1500
-_next_ports: dict[int, int] = {}
+_PORT_BLOCK_SIZE = 2000
+_next_port: int | None = None
+
+
+def port_range() -> range:
+    """This process's ports: from PORTS_VARIABLE ("START-END"), else its xdist worker's block."""
+    given = os.environ.get(PORTS_VARIABLE)
+    if given:
+        start, end = given.split("-")
+        return range(int(start), int(end))
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    first = _PORT_BLOCK_START + (int(worker) if worker.isdigit() else 0) * _PORT_BLOCK_SIZE
+    return range(first, first + _PORT_BLOCK_SIZE)
+
+
+def port_blocks(count: int) -> list[str]:
+    """This process's ports split into `count` blocks, as values of PORTS_VARIABLE."""
+    ports = port_range()
+    size = len(ports) // count
+    return [
+        f"{ports.start + index * size}-{ports.start + (index + 1) * size}" for index in range(count)
+    ]
 
 
 def free_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on, from this test worker's own block."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
-    block = int(worker) if worker.isdigit() else 0
-    first = _PORT_BLOCK_START + block * _PORT_BLOCK_SIZE
-    offset = _next_ports.get(block, 0)
-    for step in range(_PORT_BLOCK_SIZE):
-        port = first + (offset + step) % _PORT_BLOCK_SIZE
+    """A port on 127.0.0.1 that nothing listens on, the next free one of this process's."""
+    global _next_port
+    ports = port_range()
+    start = _next_port if _next_port in ports else ports.start
+    for step in range(len(ports)):
+        port = ports.start + (start - ports.start + step) % len(ports)
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", port))
             except OSError:
                 continue
-        _next_ports[block] = (offset + step + 1) % _PORT_BLOCK_SIZE
+        _next_port = port + 1
         return port
-    raise RuntimeError(f"no free port between {first} and {first + _PORT_BLOCK_SIZE - 1}")
+    raise RuntimeError(f"no free port in {ports.start} to {ports.stop - 1}")
 
 
 def sha256_of(path: Path) -> str:
