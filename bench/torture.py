@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import json
 import multiprocessing
 import os
@@ -56,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import deploy_child
 from common import Daemon, Sandbox, request, wait_for
-from sandbox import PORTS_VARIABLE, port_blocks
+from sandbox import PORTS_VARIABLE, fill_filesystem, port_blocks
 
 from stagewatch import journal, lock
 from stagewatch.errors import RecoveryError
@@ -425,25 +424,6 @@ def _run_again(host: Host, fault: Fault) -> None:
         )
 
 
-def fill_disk(folder: Path) -> Path:
-    """Write a file into `folder` until its filesystem has no space left."""
-    filler = folder / ".filler"
-    descriptor = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        for size in (1 << 20, 1 << 16, 1 << 12, 1 << 9, 1):
-            block = bytes(size)
-            while True:
-                try:
-                    os.write(descriptor, block)
-                except OSError as error:
-                    if error.errno != errno.ENOSPC:
-                        raise
-                    break
-    finally:
-        os.close(descriptor)
-    return filler
-
-
 def disk_full(
     host: Host,
     folder: str,
@@ -464,7 +444,7 @@ def disk_full(
     fault = Fault(f"disk full: {folder} ({mode})", "", behaviour, round(instant, 3))
     fault.step = host.step_now(arm_id, before)
     waits_before = host.daemon.log_text().count(_WAITING_FOR_SPACE) if through_daemon else 0
-    filler = fill_disk(_mount_point(host.sandbox, folder))
+    filler = fill_filesystem(_mount_point(host.sandbox, folder) / ".filler")
 
     if process is not None:
         process.join(SETTLE_TIMEOUT_SECONDS)

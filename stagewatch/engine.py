@@ -527,9 +527,8 @@ class Engine:
         pruning, self._snapshot_pruning = self._snapshot_pruning, None
         if pruning is not None:
             pruning.result()
-        if entry.snapshot is not None:
-            # After a crash the background pruning may not have run; when it has, this finds
-            # nothing to remove.
+        elif entry.snapshot is not None:
+            # Recovered after a crash: the background pruning of this attempt may not have run.
             snapshot.prune_after_success(self.config.database)
 
         releases_dir = self.config.state.releases_dir

@@ -94,11 +94,10 @@ def install(
 
     Keeps the current binary as a release (`keep_current`), and under a second name beside
     `install_path` where the release is a copy (`hold_previous`), makes the copy mode 0755,
-    renames it over
-    `install_path` and fsyncs the folder. Pruning releases beyond `keep_releases` is left to
-    the caller, once the deploy is decided (`prune_releases`): it is not needed before the
-    restart, and unlinking a large file takes long. Return the sha256 of the binary that was
-    at `install_path` when called, None if there was none.
+    renames it over `install_path` and fsyncs the folder. Pruning releases beyond
+    `keep_releases` is left to the caller, once the deploy is decided (`prune_releases`): it
+    is not needed before the restart, and unlinking a large file takes long. Return the
+    sha256 of the binary that was at `install_path` when called, None if there was none.
 
     Running it again after it succeeded, when the copy is gone and `install_path` already
     holds `copy.sha256`, changes nothing and returns `copy.sha256`. Raise SwapError when
@@ -210,7 +209,9 @@ def _link_beside(
         os.link(release_path, link, follow_symlinks=False)
     except OSError as error:
         if error.errno not in _NO_HARD_LINK_ERRORS:
-            raise _link_error(error, install_path) from None
+            raise SwapError(
+                f"cannot link a kept release beside {install_path}: {error.strerror}"
+            ) from None
         return None
 
     try:
@@ -234,10 +235,6 @@ def _fsync_path(path: Path) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
-
-
-def _link_error(error: OSError, install_path: Path) -> SwapError:
-    return SwapError(f"cannot link a kept release beside {install_path}: {error.strerror}")
 
 
 def keep_current(install_path: Path, releases_dir: Path, heartbeat: Heartbeat) -> str | None:

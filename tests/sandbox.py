@@ -8,6 +8,7 @@ Sandbox`; pytest puts `tests/` on sys.path.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -81,6 +82,27 @@ def free_port() -> int:
         _next_port = port + 1
         return port
     raise RuntimeError(f"no free port in {ports.start} to {ports.stop - 1}")
+
+
+def fill_filesystem(filler: Path) -> Path:
+    """Write the file `filler` until its filesystem has no space left; return it.
+
+    Smaller and smaller writes fill the last blocks too, so that nothing more fits.
+    """
+    descriptor = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for size in (1 << 20, 1 << 16, 1 << 12, 1 << 9, 1):
+            block = bytes(size)
+            while True:
+                try:
+                    os.write(descriptor, block)
+                except OSError as error:
+                    if error.errno != errno.ENOSPC:
+                        raise
+                    break
+    finally:
+        os.close(descriptor)
+    return filler
 
 
 def sha256_of(path: Path) -> str:

@@ -6,7 +6,6 @@ arms it over a real socket and watches it through GET /deploys/ID and GET /statu
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import socket
@@ -19,7 +18,7 @@ from daemon_fixtures import (  # noqa: F401 - fixtures
     daemon_sandbox_fixture,
     sha256_hex,
 )
-from sandbox import Sandbox, wait_for
+from sandbox import Sandbox, fill_filesystem, wait_for
 
 from stagewatch.history import History
 
@@ -396,10 +395,7 @@ def test_a_deploy_stopped_by_a_full_state_folder_is_settled_once_there_is_room(
 
     # Full while the health probation runs: the outcome cannot be journaled.
     wait_for(lambda: daemon.state() == "checking", 15, "the probation to start")
-    filler = state / "filler"
-    with filler.open("wb", buffering=0) as stream, contextlib.suppress(OSError):
-        while True:
-            stream.write(b"\0" * 65536)
+    filler = fill_filesystem(state / "filler")
     daemon.wait_for_log("failed again", timeout=20)
 
     refused = daemon.arm()

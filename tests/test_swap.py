@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -17,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from sandbox import fill_filesystem
 
 from stagewatch import swap
 from stagewatch.config import StagingConfig
@@ -588,15 +588,20 @@ def test_disk_full_beside_the_install_path_leaves_the_old_binary_untouched(
     assert_only_the_binary_beside(install_path)
 
 
+@pytest.fixture
+def releases_elsewhere(mount_tmpfs: Callable[[str, str], Path]) -> Path:
+    """A releases folder on another filesystem than the install path: releases are copies."""
+    return mount_tmpfs("other-releases", "8m") / "releases"
+
+
 def test_install_across_filesystems_holds_the_previous_binary_beside_until_released(
-    staging: StagingConfig, install_path: Path, mount_tmpfs: Callable[[str, str], Path]
+    staging: StagingConfig, install_path: Path, releases_elsewhere: Path
 ) -> None:
-    releases_dir = mount_tmpfs("other-releases", "8m") / "releases"
-    deploy(staging, install_path, releases_dir, release_bytes(1))
+    deploy(staging, install_path, releases_elsewhere, release_bytes(1))
     old_inode = install_path.stat().st_ino
     copy = verified(staging, install_path, release_bytes(2))
 
-    install(copy, install_path, releases_dir, CountingHeartbeat())
+    install(copy, install_path, releases_elsewhere, CountingHeartbeat())
 
     held = previous_path(install_path)
     assert held.read_bytes() == release_bytes(1)
@@ -606,7 +611,7 @@ def test_install_across_filesystems_holds_the_previous_binary_beside_until_relea
     release_previous(install_path)
 
     assert_only_the_binary_beside(install_path)
-    assert (releases_dir / sha256(release_bytes(1))).read_bytes() == release_bytes(1)
+    assert (releases_elsewhere / sha256(release_bytes(1))).read_bytes() == release_bytes(1)
 
 
 def test_install_on_one_filesystem_needs_no_second_name(
@@ -621,26 +626,17 @@ def test_install_on_one_filesystem_needs_no_second_name(
 
 
 def test_a_failed_install_leaves_no_second_name(
-    staging: StagingConfig, install_path: Path, mount_tmpfs: Callable[[str, str], Path]
+    staging: StagingConfig, install_path: Path, releases_elsewhere: Path
 ) -> None:
-    releases_dir = mount_tmpfs("other-releases", "8m") / "releases"
-    deploy(staging, install_path, releases_dir, release_bytes(1))
+    deploy(staging, install_path, releases_elsewhere, release_bytes(1))
     copy = verified(staging, install_path, release_bytes(2))
     os.link(copy.path, install_path.with_name("second-name"))
 
     with pytest.raises(SwapError, match="was changed after it was verified"):
-        install(copy, install_path, releases_dir, CountingHeartbeat())
+        install(copy, install_path, releases_elsewhere, CountingHeartbeat())
 
     assert sorted(os.listdir(install_path.parent)) == ["dealspace", "second-name"]
     assert install_path.read_bytes() == release_bytes(1)
-
-
-def fill(folder: Path) -> None:
-    """Write into `folder` until its filesystem has no space left."""
-    # Unbuffered, so that closing the file has nothing left to write.
-    with (folder / "filler").open("wb", buffering=0) as stream, contextlib.suppress(OSError):
-        while True:
-            stream.write(b"\0" * 65536)
 
 
 def test_the_previous_binary_goes_back_by_rename_on_a_full_filesystem(
@@ -651,7 +647,7 @@ def test_the_previous_binary_goes_back_by_rename_on_a_full_filesystem(
     deploy(staging, install_path, releases_dir, old)
     copy = verified(staging, install_path, release_bytes(2, 1 * MiB))
     install(copy, install_path, releases_dir, CountingHeartbeat())
-    fill(install_path.parent)
+    fill_filesystem(install_path.parent / "filler")
 
     restored = restore_previous(install_path, releases_dir, sha256(old), CountingHeartbeat())
 
@@ -671,7 +667,7 @@ def test_a_release_on_the_same_full_filesystem_goes_back_as_a_link(
     old = release_bytes(1, 1 * MiB)
     deploy(staging, install_path, releases_dir, old)
     deploy(staging, install_path, releases_dir, release_bytes(2, 1 * MiB))
-    fill(root)
+    fill_filesystem(root / "filler")
 
     install_release(releases_dir / sha256(old), install_path, CountingHeartbeat(), sha256(old))
 
@@ -682,18 +678,17 @@ def test_a_release_on_the_same_full_filesystem_goes_back_as_a_link(
 
 
 def test_a_second_name_holding_other_bytes_is_not_put_back(
-    staging: StagingConfig, install_path: Path, mount_tmpfs: Callable[[str, str], Path]
+    staging: StagingConfig, install_path: Path, releases_elsewhere: Path
 ) -> None:
-    releases_dir = mount_tmpfs("other-releases", "8m") / "releases"
-    deploy(staging, install_path, releases_dir, release_bytes(1))
+    deploy(staging, install_path, releases_elsewhere, release_bytes(1))
     copy = verified(staging, install_path, release_bytes(2))
-    install(copy, install_path, releases_dir, CountingHeartbeat())
+    install(copy, install_path, releases_elsewhere, CountingHeartbeat())
     held = previous_path(install_path)
     held.unlink()
     held.write_bytes(b"not the previous binary")
 
     restored = restore_previous(
-        install_path, releases_dir, sha256(release_bytes(1)), CountingHeartbeat()
+        install_path, releases_elsewhere, sha256(release_bytes(1)), CountingHeartbeat()
     )
 
     assert not restored
