@@ -341,8 +341,9 @@ class Engine:
     def _finish(self, entry: Entry) -> Record:
         self._pending_copy, self._service_state_before = None, None
         journal.write(self.config.state.journal_path, entry)
-        record = self._save_record(entry)
+        # Before the record: whoever sees the outcome finds staging already cleared.
         self._clear_staging(entry)
+        record = self._save_record(entry)
         swap.release_previous(self.config.service.binary)
         # Before the journal goes: an agent stopped in between prunes again when it recovers.
         self._prune(entry)
@@ -541,27 +542,35 @@ class Engine:
             log.warning("Could not prune kept releases in %s: %s", releases_dir, error.strerror)
 
     def _clear_staging(self, entry: Entry) -> None:
-        """Remove the pair this attempt used; move a rejected one aside for the operator."""
+        """Remove the pair this attempt used; move a rejected one aside for the operator.
+
+        File by file, so that a recovery after a half-done clear finishes it, and a file
+        of a newer push (another inode, size or mtime) stays for the next deploy.
+        """
         if entry.kind != "deploy" or entry.staged_identity is None:
-            return
-        if staged_identity(self.config) != entry.staged_identity:
-            log.info("Staging holds newer files than this attempt used; leaving them for the next")
             return
 
         staging = self.config.staging
-        if entry.outcome == "rejected":
+        used, newer = [], []
+        for path in (staging.artifact_path, staging.checksum_path):
+            found = _identity(path)
+            if found == entry.staged_identity.get(path.name):
+                used.append(path)
+            elif found is not None:
+                newer.append(path.name)
+        if newer:
+            log.info("Staging holds a newer %s than this attempt used; left for the next", newer[0])
+
+        if entry.outcome == "rejected" and used:
             destination = self.config.state.rejected_dir / entry.id
             destination.mkdir(parents=True, exist_ok=True, mode=0o700)
-            for path in (staging.artifact_path, staging.checksum_path):
-                if os.path.lexists(path):
-                    shutil.move(path, destination / path.name)
+            for path in used:
+                shutil.move(path, destination / path.name)
             log.warning("Rejected files moved to %s", destination)
-            return
-
-        for path in (staging.artifact_path, staging.checksum_path):
-            if os.path.lexists(path):
+        elif used:
+            for path in used:
                 os.unlink(path)
-        log.info("Staged files removed from %s", staging.dir)
+            log.info("Staged files removed from %s", staging.dir)
 
     def _save_record(self, entry: Entry, durable: bool = True) -> Record:
         existing = self.history.get(entry.id)
@@ -621,12 +630,19 @@ def staged_identity(config: Config) -> dict[str, list[int]] | None:
     """(inode, size, mtime) of both staged files, to tell our pair from a newer push."""
     identity: dict[str, list[int]] = {}
     for path in (config.staging.artifact_path, config.staging.checksum_path):
-        try:
-            status = os.lstat(path)
-        except FileNotFoundError:
+        found = _identity(path)
+        if found is None:
             return None
-        identity[path.name] = [status.st_ino, status.st_size, status.st_mtime_ns]
+        identity[path.name] = found
     return identity
+
+
+def _identity(path: Path) -> list[int] | None:
+    try:
+        status = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return [status.st_ino, status.st_size, status.st_mtime_ns]
 
 
 __all__ = [

@@ -76,6 +76,7 @@ def assert_guarantees(sandbox: Sandbox, old: bytes, new: bytes, attempts_before:
     assert len(records) == attempts_before + 1
     outcome = records[0].outcome
     assert outcome is not None
+    assert os.listdir(sandbox.staging) == [], "a decided attempt left its files in staging"
 
     expected = new if outcome == "succeeded" else old
     assert installed == expected, f"outcome {outcome} but the other binary is installed"
@@ -120,6 +121,27 @@ def test_a_deploy_killed_at_a_step_boundary_is_finished_or_undone(
         assert outcome == ("succeeded" if behaviour == "good" else "rolled_back")
         version = "2.0" if outcome == "succeeded" else "1.0"
         assert wait_for(lambda: sandbox.served_version() == version, 5, f"version {version}")
+    finally:
+        sandbox.stop_everything()
+
+
+def test_a_kill_between_the_two_staged_files_removals_is_finished_by_recovery(
+    tmp_path: Path,
+) -> None:
+    sandbox = fast_sandbox(tmp_path)
+    try:
+        old = sandbox.install_initial("1.0")
+        new = sandbox.stage("2.0")
+        killed = subprocess.run(
+            [sys.executable, str(HARNESS), "finished", "1", "--", *deploy_command(sandbox)[3:]],
+            capture_output=True,
+            check=False,
+        )
+        assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+        # The artifact is removed first; the kill landed before the checksum file went.
+        (sandbox.staging / "dealspace").unlink()
+
+        assert assert_guarantees(sandbox, old, new) == "succeeded"
     finally:
         sandbox.stop_everything()
 

@@ -54,6 +54,23 @@ def test_a_healthy_release_goes_live_with_a_snapshot_and_the_old_binary_kept(
     assert not (sandbox.state / "journal.json").exists()
 
 
+def test_a_file_pushed_during_a_deploy_stays_in_staging_for_the_next(sandbox: Sandbox) -> None:
+    sandbox.install_initial("1.0")
+    sandbox.stage("2.0")
+    newer_checksum = b"c" * 64 + b"  dealspace\n"
+
+    def push_during_the_restart(step: str, _attempt: str | None) -> None:
+        if step == "restarting":
+            (sandbox.staging / "dealspace.sha256").unlink()
+            (sandbox.staging / "dealspace.sha256").write_bytes(newer_checksum)
+
+    record = Engine(sandbox.config, on_state=push_during_the_restart).deploy(DeployRequest())
+
+    assert record.outcome == "succeeded", record.reason
+    assert os.listdir(sandbox.staging) == ["dealspace.sha256"]
+    assert (sandbox.staging / "dealspace.sha256").read_bytes() == newer_checksum
+
+
 def test_a_checksum_mismatch_is_rejected_and_moved_aside_with_nothing_changed(
     sandbox: Sandbox,
 ) -> None:
