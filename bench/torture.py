@@ -225,17 +225,9 @@ class Host:
             self.installed_version = new_version if installed == new else old_version
 
     def _check_staging(self, fault: Fault) -> None:
-        """The attempt's files are gone from staging, except after a fault of the host.
-
-        A deploy rejected for the host's sake (no space for the snapshot, say) leaves the
-        release staged for a retry; the next push replaces it, as the build machine would.
-        """
+        """The attempt's files are gone from staging, whatever its outcome."""
         staged = sorted(os.listdir(self.sandbox.staging))
-        if not staged:
-            return
-        if fault.outcome is not None and fault.outcome.startswith("rejected"):
-            fault.notes.append(f"left staged for a retry: {staged}")
-        else:
+        if staged:
             fault.problems.append(f"left in staging after the attempt: {staged}")
         for name in staged:
             (self.sandbox.staging / name).unlink()

@@ -197,8 +197,7 @@ class Engine:
             next_step, detail = self._step_handler(step)(entry, heartbeat)
             ok = True
         except (StagewatchError, OSError) as error:
-            release_at_fault = isinstance(error, RejectedError)
-            next_step, detail = self._after_failure(entry, describe(error), release_at_fault)
+            next_step, detail = self._after_failure(entry, describe(error))
             ok = False
         finally:
             heartbeat.close()
@@ -224,7 +223,7 @@ class Engine:
         }
         return handlers[step]
 
-    def _after_failure(self, entry: Entry, reason: str, release_at_fault: bool) -> tuple[str, str]:
+    def _after_failure(self, entry: Entry, reason: str) -> tuple[str, str]:
         """Decide where a failed step leads: nothing changed yet means rejected, else undo."""
         if entry.step == ROLLING_BACK:
             entry.outcome, entry.reason = (
@@ -235,10 +234,6 @@ class Engine:
 
         if entry.step in (VERIFYING, SNAPSHOTTING) or not self._new_binary_may_be_installed(entry):
             entry.outcome, entry.reason = "rejected", reason
-            if not release_at_fault:
-                # The host failed (disk full, a database that cannot be copied), not the
-                # release: its files stay staged for a retry once the operator fixed it.
-                entry.staged_identity = None
             self._discard_copy(entry)
             return FINISHED, reason
 
@@ -566,7 +561,12 @@ class Engine:
             destination.mkdir(parents=True, exist_ok=True, mode=0o700)
             for path in used:
                 shutil.move(path, destination / path.name)
-            log.warning("Rejected files moved to %s", destination)
+            # A host fault (a full disk, say) rejects a sound release too: say how to retry.
+            log.warning(
+                "Rejected files moved to %s; to try them again, move them back into %s",
+                destination,
+                staging.dir,
+            )
         elif used:
             for path in used:
                 os.unlink(path)
