@@ -280,8 +280,8 @@ class Coordinator:
                 self._waiting_logged = True
             return
 
-        # Without an arm, a pair left staged (a deploy refused by a host fault leaves it there)
-        # must not start a deploy again and again; an arm is the operator's word to retry it.
+        # Without an arm, a pair left staged (by a deploy that could not start) must not start
+        # a deploy again and again; an arm is the operator's word to retry it.
         if self._arm is None and pair == self._last_deployed:
             return
 
@@ -306,11 +306,14 @@ class Coordinator:
         self._waiting_logged = False
 
         self._worker = threading.Thread(
-            target=self._deploy_in_worker, args=(request,), name=f"deploy {deploy_id}", daemon=True
+            target=self._deploy_in_worker,
+            args=(request, pair),
+            name=f"deploy {deploy_id}",
+            daemon=True,
         )
         self._worker.start()
 
-    def _deploy_in_worker(self, request: DeployRequest) -> None:
+    def _deploy_in_worker(self, request: DeployRequest, pair: StagedPair) -> None:
         outcome: str | None = None
         try:
             outcome = self.engine.deploy(request).outcome
@@ -335,7 +338,7 @@ class Coordinator:
                     reason = describe(error)
                     log.error("Deploy stopped: %s", reason, exc_info=unexpected)
                     # The history may be as unwritable as the journal was (a full disk).
-                    self._retry_until_done(lambda: self._record_not_started(request, reason))
+                    self._retry_until_done(lambda: self._reject_unstarted(request, pair, reason))
         finally:
             # A deploy that never ran a step leaves no journal: its arm is settled above.
             write_arm(self.config, None)
@@ -395,6 +398,14 @@ class Coordinator:
 
         # With require_arm = false, a pair that arrived during the deploy goes next.
         self._maybe_start_deploy()
+
+    def _reject_unstarted(self, request: DeployRequest, pair: StagedPair, reason: str) -> None:
+        """An armed attempt that failed before its first step: its files go to rejected/ID."""
+        record = self.engine.history.get(request.id) if request.id is not None else None
+        if record is None or record.outcome is not None or record.state != "armed":
+            return
+        self.engine.set_aside_unstarted(record.id, pair.by_name(self.config.staging))
+        self._record_not_started(request, reason)
 
     def _record_not_started(self, request: DeployRequest, reason: str) -> None:
         """An armed record whose deploy never ran a step: refused, nothing having changed."""

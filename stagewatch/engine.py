@@ -337,7 +337,7 @@ class Engine:
         self._pending_copy, self._service_state_before = None, None
         journal.write(self.config.state.journal_path, entry)
         # Before the record: whoever sees the outcome finds staging already cleared.
-        self._clear_staging(entry)
+        self._clear_staging_after(entry)
         record = self._save_record(entry)
         swap.release_previous(self.config.service.binary)
         # Before the journal goes: an agent stopped in between prunes again when it recovers.
@@ -536,28 +536,40 @@ class Engine:
             # An old release left over is retried at the next deploy.
             log.warning("Could not prune kept releases in %s: %s", releases_dir, error.strerror)
 
-    def _clear_staging(self, entry: Entry) -> None:
-        """Remove the pair this attempt used; move a rejected one aside for the operator.
+    def set_aside_unstarted(self, attempt_id: str, identity: dict[str, list[int]]) -> None:
+        """Move the staged pair of an attempt refused before its first step to rejected/ID.
+
+        For the daemon, whose armed attempt is recorded as rejected when it could not even
+        journal its first step (a full state folder): its files go where a rejection's go.
+        """
+        with lock.exclusive(self.config.state.lock_path, "set the rejected files aside"):
+            self._clear_staging(attempt_id, identity, rejected=True)
+
+    def _clear_staging_after(self, entry: Entry) -> None:
+        if entry.kind == "deploy" and entry.staged_identity is not None:
+            self._clear_staging(entry.id, entry.staged_identity, entry.outcome == "rejected")
+
+    def _clear_staging(
+        self, attempt_id: str, identity: dict[str, list[int]], rejected: bool
+    ) -> None:
+        """Remove the pair an attempt used; move a rejected one aside for the operator.
 
         File by file, so that a recovery after a half-done clear finishes it, and a file
         of a newer push (another inode, size or mtime) stays for the next deploy.
         """
-        if entry.kind != "deploy" or entry.staged_identity is None:
-            return
-
         staging = self.config.staging
         used, newer = [], []
         for path in (staging.artifact_path, staging.checksum_path):
             found = _identity(path)
-            if found == entry.staged_identity.get(path.name):
+            if found == identity.get(path.name):
                 used.append(path)
             elif found is not None:
                 newer.append(path.name)
         if newer:
             log.info("Staging holds a newer %s than this attempt used; left for the next", newer[0])
 
-        if entry.outcome == "rejected" and used:
-            destination = self.config.state.rejected_dir / entry.id
+        if rejected and used:
+            destination = self.config.state.rejected_dir / attempt_id
             destination.mkdir(parents=True, exist_ok=True, mode=0o700)
             for path in used:
                 shutil.move(path, destination / path.name)

@@ -115,6 +115,17 @@ class StagedPair:
     artifact: FileIdentity
     checksum: FileIdentity
 
+    def by_name(self, staging: StagingConfig) -> dict[str, list[int]]:
+        """The pair as a journal entry records it: file name to [inode, size, mtime_ns]."""
+        return {
+            staging.artifact: [self.artifact.inode, self.artifact.size, self.artifact.mtime_ns],
+            staging.checksum_name: [
+                self.checksum.inode,
+                self.checksum.size,
+                self.checksum.mtime_ns,
+            ],
+        }
+
 
 @dataclass(frozen=True)
 class _Candidate:

@@ -363,6 +363,11 @@ def test_a_deploy_refused_before_its_first_step_is_recorded_as_rejected(
     assert (record["state"], record["outcome"]) == ("finished", "rejected")
     assert "journal" in record["reason"]
     assert sandbox.binary.read_bytes() == old
+    assert os.listdir(sandbox.staging) == []
+    assert sorted(os.listdir(sandbox.state / "rejected" / armed.document["id"])) == [
+        "dealspace",
+        "dealspace.sha256",
+    ]
 
 
 def test_under_journald_a_traceback_keeps_the_priority_on_every_line(
