@@ -54,6 +54,10 @@ _FIRST_SETTLE_PAUSE_SECONDS = 1.0
 _LONGEST_SETTLE_PAUSE_SECONDS = 60.0
 _PAUSE_SILENCE_MARGIN_SECONDS = 5.0
 
+# The main thread takes every event within this long, or its loop is taken for stuck and the
+# watchdog pings stop: what it does with an event takes milliseconds (deploys run elsewhere).
+COORDINATOR_GRACE_SECONDS = 10.0
+
 _Result = TypeVar("_Result")
 
 
@@ -83,6 +87,7 @@ class _Inbox:
         self._writer.setblocking(False)
         self._poll = select.poll()
         self._poll.register(self._reader, select.POLLIN)
+        self.taken = 0  # events handed to the main thread, counted by it alone
 
     @property
     def wakeup_fd(self) -> int:
@@ -94,18 +99,51 @@ class _Inbox:
         with contextlib.suppress(BlockingIOError):
             self._writer.send(b"\0")
 
+    def pending(self) -> bool:
+        return not self._queue.empty()
+
     def get(self, timeout: float | None) -> _Event | None:
         """The next event; None when `timeout` passed, or the main thread woke without one."""
-        with contextlib.suppress(queue.Empty):
-            return self._queue.get_nowait()
+        event = self._take()
+        if event is not None:
+            return event
 
         self._poll.poll(None if timeout is None else timeout * 1000)
         with contextlib.suppress(BlockingIOError):
             while self._reader.recv(4096):
                 pass
-        with contextlib.suppress(queue.Empty):
-            return self._queue.get_nowait()
-        return None
+        return self._take()
+
+    def _take(self) -> _Event | None:
+        try:
+            event = self._queue.get_nowait()
+        except queue.Empty:
+            return None
+        self.taken += 1
+        return event
+
+
+class _InboxProbe:
+    """The watchdog's look at the main thread, which sleeps in poll(2) while there is no event.
+
+    An idle main thread is not woken to prove itself (that would cost a wake-up per ping);
+    the probe only asks whether an event has waited `grace_seconds` with none taken since.
+    Called from the pinger's thread alone, which owns the two fields below.
+    """
+
+    def __init__(self, inbox: _Inbox, grace_seconds: float) -> None:
+        self._inbox = inbox
+        self._grace_seconds = grace_seconds
+        self._taken = inbox.taken
+        self._waiting_since = time.monotonic()
+
+    def is_alive(self) -> bool:
+        now = time.monotonic()
+        taken = self._inbox.taken
+        if taken != self._taken or not self._inbox.pending():
+            self._taken, self._waiting_since = taken, now
+            return True
+        return now - self._waiting_since < self._grace_seconds
 
 
 class Coordinator:
@@ -118,6 +156,9 @@ class Coordinator:
         self.notifier = Notifier(self.heartbeats)
         self.engine = self._new_engine(config)
         self.events = _Inbox()
+        self.heartbeats.add_probe(
+            "the coordinator's loop", _InboxProbe(self.events, COORDINATOR_GRACE_SECONDS).is_alive
+        )
 
         # Read by other threads, written under the lock: the arm and the deploy by the main
         # thread, the step and the attempt by the engine's callback.

@@ -212,6 +212,59 @@ def test_pings_stop_while_a_rollback_hangs_in_a_system_call_and_the_next_start_e
     assert pings_between(notify_socket, second_ready, second_ready + 1.0) >= 3
 
 
+def traced_by(pid: int) -> int:
+    """The pid of the process tracing `pid`'s main thread; 0 for none (proc(5))."""
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return int(fields["TracerPid"])
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+def test_pings_stop_while_an_event_waits_on_a_stuck_main_loop(
+    daemon_sandbox: MakeSandbox, notify_socket: NotifySocket
+) -> None:
+    # strace holds the return of every poll(2) of the main thread (and of its first, the one
+    # it sleeps in now, when it comes back) for 30 s, as a deadlock of the loop would hold it.
+    # The idle main thread is not asked; an event it leaves untaken for 10 s is noticed.
+    _, daemon = daemon_sandbox()
+    daemon.start({**notify_socket.environment, **WATCHDOG})
+    notify_socket.wait_for_line("READY=1")
+    assert daemon.pid is not None
+    tracer = subprocess.Popen(
+        [
+            "strace",
+            "-qq",
+            "-o",
+            "/dev/null",
+            f"-p{daemon.pid}",
+            "-e",
+            "trace=poll,ppoll",
+            "-e",
+            "inject=poll,ppoll:delay_exit=30000000",
+        ],
+    )
+    try:
+        wait_for(lambda: traced_by(daemon.pid) == tracer.pid, 5, "strace to attach")
+        # The first arm wakes the main thread, which sticks in its next poll; the second waits.
+        assert daemon.arm().status == 202
+        assert daemon.arm().status == 202, "the webhook answers on its own thread"
+        stuck = time.monotonic()
+
+        daemon.wait_for_log("No progress from the coordinator's loop", timeout=20)
+        withheld = time.monotonic()
+
+        assert withheld - stuck > 9, "the pings stopped before the grace ran out"
+        wait_past(withheld + 1.5)
+        assert pings_between(notify_socket, withheld, withheld + 1.5) == 0
+    finally:
+        tracer.kill()
+        tracer.wait()
+
+    daemon.wait_for_log("watchdog pings resumed", timeout=40)
+    assert daemon.running()
+
+
 def test_a_restart_command_that_hangs_is_killed_at_its_timeout_while_the_pings_go_on(
     daemon_sandbox: MakeSandbox, notify_socket: NotifySocket
 ) -> None:
