@@ -17,6 +17,7 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
+from sandbox import free_port, wait_for
 from systemd_sandbox import (
     BINARY,
     CHECKOUT,
@@ -31,9 +32,7 @@ from systemd_sandbox import (
     SystemdSandbox,
     accepts,
     e2e_configuration,
-    free_port,
     require_root,
-    wait_for,
 )
 
 

@@ -17,16 +17,16 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
+from sandbox import wait_for
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 BOOT_SCRIPT = Path(__file__).with_name("boot_systemd.sh")
@@ -62,30 +62,6 @@ REQUIRED_PROGRAMS = (
     "/usr/bin/sqlite3",
     "/usr/bin/python3",
 )
-
-Value = TypeVar("Value")
-
-
-def wait_for(
-    predicate: Callable[[], Value | None], timeout: float, what: str, interval: float = 0.1
-) -> Value:
-    """Call `predicate` until it returns something truthy, and return that; fail at `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
-
-
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 def require_root() -> None:

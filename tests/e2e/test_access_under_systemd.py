@@ -12,7 +12,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from systemd_sandbox import STAGING, Production, accepts, free_port, wait_for
+from sandbox import free_port, wait_for
+from systemd_sandbox import STAGING, Production, accepts
 
 pytestmark = pytest.mark.e2e
 

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from sandbox import wait_for
 from standardwebhooks.webhooks import Webhook
 from systemd_sandbox import (
     BINARY,
@@ -33,7 +34,6 @@ from systemd_sandbox import (
     VENV,
     Production,
     e2e_configuration,
-    wait_for,
 )
 
 pytestmark = pytest.mark.e2e

@@ -9,6 +9,7 @@ import hashlib
 import os
 
 import pytest
+from sandbox import wait_for
 from systemd_sandbox import (
     CHECKOUT,
     CONFIG,
@@ -17,7 +18,6 @@ from systemd_sandbox import (
     SNAPSHOT_DIR,
     STATE_DIR,
     Production,
-    wait_for,
 )
 
 pytestmark = pytest.mark.e2e
