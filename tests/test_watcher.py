@@ -504,8 +504,10 @@ def _lines_of(stream: IO[str]) -> queue.Queue[str]:
 
 def test_kernel_queue_overflow_makes_the_watcher_look_again(staging_dir: Path) -> None:
     # A real IN_Q_OVERFLOW: the watcher runs in a child that is stopped (SIGSTOP) while more
-    # events than fs.inotify.max_queued_events are made; the pair written after them has no
-    # event of its own, so only the look that follows the overflow can find it.
+    # events than fs.inotify.max_queued_events are made; the pair rewritten after them has no
+    # event of its own, so only the look that follows the overflow can find it. A first pair,
+    # reported before the stop, proves that the watcher's first look is behind it: a look
+    # still to come after SIGCONT would find the new pair without any overflow.
     limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
     noise = [staging_dir / f"noise-{index}" for index in range(64)]
     for path in noise:
@@ -524,6 +526,9 @@ def test_kernel_queue_overflow_makes_the_watcher_look_again(staging_dir: Path) -
         assert child.stdout is not None
         lines = _lines_of(child.stdout)
         assert lines.get(timeout=20).strip() == "ready"
+        first = b"the release before"
+        write_pair(staging_dir, first)
+        assert json.loads(lines.get(timeout=20)) == {"size": len(first)}
 
         child.send_signal(signal.SIGSTOP)
         wait_for(lambda: _thread_states(child.pid) == {"T"}, what="every thread to stop")
