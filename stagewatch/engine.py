@@ -52,6 +52,12 @@ CHECKING = "checking"
 ROLLING_BACK = "rolling_back"
 FINISHED = "finished"
 
+# Steps whose journal entry a power cut may take back (its folder is not fsynced): the entry
+# before leads the recovery to the same place. Nothing has changed before the swap, and an
+# entry "swapping" with the new binary installed resumes at the restart as well (the record
+# then lacks the swap's line in its steps: that is all a power cut can take from it).
+_STEPS_THE_PREVIOUS_ENTRY_RECOVERS = frozenset({VERIFYING, SNAPSHOTTING, RESTARTING})
+
 # How long a step may go without a heartbeat before the watchdog pings stop: the longest wait
 # between two beats that is still progress, plus a margin. Copies and snapshots beat per
 # chunk, so a fixed leash covers them (one fsync of a large file is the longest wait). Every
@@ -186,8 +192,11 @@ class Engine:
         step = entry.step
         started_at = utc_now()
         started = time.monotonic()
-        before_any_change = step in (VERIFYING, SNAPSHOTTING)
-        journal.write(self.config.state.journal_path, entry, before_any_change=before_any_change)
+        journal.write(
+            self.config.state.journal_path,
+            entry,
+            previous_suffices=step in _STEPS_THE_PREVIOUS_ENTRY_RECOVERS,
+        )
         self._save_record(entry, durable=False)
         if self.on_state is not None:
             self.on_state(step, entry.id)

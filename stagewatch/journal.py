@@ -66,16 +66,16 @@ def read(path: Path) -> Entry | None:
         ) from None
 
 
-def write(path: Path, entry: Entry, *, before_any_change: bool = False) -> None:
+def write(path: Path, entry: Entry, *, previous_suffices: bool = False) -> None:
     """Replace the journal with `entry`.
 
-    `before_any_change` is for an entry written while nothing on the host has changed yet
-    (verifying, snapshotting): a power cut may then undo the replacement, since going back
-    to the entry before it, or to none, loses nothing, so the folder is not fsynced. The
-    content is, so that the file is never torn.
+    `previous_suffices` is for an entry whose loss would change nothing: the entry before
+    it, or none, leads the recovery to the same place. A power cut may then undo the
+    replacement, so the folder is not fsynced. The content is, so that the file is never
+    torn.
     """
     document = {"format": JOURNAL_FORMAT, **asdict(entry)}
-    sync: Sync = "content" if before_any_change else "all"
+    sync: Sync = "content" if previous_suffices else "all"
     atomic_write_bytes(path, json.dumps(document, indent=1).encode(), sync=sync)
 
 
