@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 from tenacity import RetryCallState, Retrying, wait_exponential
 
-from stagewatch import __version__, journal
+from stagewatch import __version__, journal, lock
 from stagewatch.config import Config, load_config, read_secret
 from stagewatch.engine import DeployRequest, Engine, NothingStagedError, describe, new_attempt_id
 from stagewatch.errors import BusyError, ConfigError, RecoveryError, StagewatchError
@@ -182,13 +182,27 @@ class Coordinator:
         with self._lock:
             if self._deploying is not None:
                 raise BusyError(f"deploy {self._deploying} is running", self._deploying)
+            if lock.is_held(self.config.state.lock_path):
+                # `stagewatch deploy`, `rollback` or `snapshots restore`, run by hand.
+                running = self._journaled_attempt()
+                what = f"deploy {running}" if running else "a deploy, rollback or restore"
+                raise BusyError(f"{what} is running from the command line", running)
 
             armed_until = datetime.now(UTC) + timedelta(
                 seconds=self.config.staging.arm_timeout_seconds
             )
             until_text = armed_until.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-            # A second POST while armed (a retrying build machine) renews the same arm.
-            arm_id = self._arm.id if self._arm is not None else new_attempt_id()
+            started_at = utc_now()
+            earlier = self._arm
+            if earlier is not None:
+                # A second POST while armed (a retrying build machine) renews the same arm,
+                # and keeps what the first one asked for unless it asks otherwise: a retry
+                # without a body must not drop a sha256 the build machine pinned.
+                sha256, version = sha256 or earlier.sha256, version or earlier.version
+                force = force or earlier.force
+                record = self.engine.history.get(earlier.id)
+                started_at = record.started_at if record is not None else started_at
+            arm_id = earlier.id if earlier is not None else new_attempt_id()
             arm = Arm(arm_id, until_text, sha256, version, force)
             self._arm = arm
             write_arm(self.config, arm)
@@ -198,7 +212,7 @@ class Coordinator:
                     kind="deploy",
                     state="armed",
                     trigger="webhook",
-                    started_at=utc_now(),
+                    started_at=started_at,
                     sha256=sha256,
                     version=version,
                     forced=force,

@@ -20,6 +20,7 @@ from daemon_fixtures import (  # noqa: F401 - fixtures
 )
 from sandbox import Sandbox, fill_filesystem, wait_for
 
+from stagewatch import lock
 from stagewatch.history import History
 
 MakeSandbox = Callable[..., tuple[Sandbox, Daemon]]
@@ -279,6 +280,47 @@ def test_a_second_post_while_armed_renews_the_same_arm(daemon_sandbox: MakeSandb
     record = daemon.wait_outcome(first.document["id"])
     assert record["outcome"] == "succeeded", record
     assert_deployed_once(sandbox, daemon, first.document["id"], new)
+
+
+def test_a_renewal_without_a_body_keeps_the_sha256_the_first_post_pinned(
+    daemon_sandbox: MakeSandbox,
+) -> None:
+    sandbox, daemon = daemon_sandbox()
+    daemon.start()
+    daemon.wait_serving()
+    pinned = "0" * 64
+
+    first = daemon.arm({"sha256": pinned, "version": "2.0"})
+    before = daemon.record(first.document["id"])
+    again = daemon.arm()
+    armed = daemon.record(first.document["id"])
+
+    assert again.document["id"] == first.document["id"]
+    assert before is not None and armed is not None
+    assert (armed["sha256"], armed["version"]) == (pinned, "2.0")
+    assert armed["started_at"] == before["started_at"]
+    sandbox.stage("2.0")
+    record = daemon.wait_outcome(first.document["id"])
+    assert record["outcome"] == "rejected", record
+    assert pinned in record["reason"]
+
+
+def test_an_arm_gets_409_while_a_command_line_operation_holds_the_lock(
+    daemon_sandbox: MakeSandbox,
+) -> None:
+    sandbox, daemon = daemon_sandbox()
+    daemon.start()
+    daemon.wait_serving()
+
+    # This test's process is another process, as `stagewatch deploy` run by hand would be.
+    with lock.exclusive(sandbox.config.state.lock_path, "deploy"):
+        refused = daemon.arm()
+    accepted = daemon.arm()
+
+    assert refused.status == 409, refused
+    assert "is running from the command line" in refused.document["error"]
+    assert accepted.status == 202, accepted
+    assert [record["id"] for record in deploy_records(sandbox)] == [accepted.document["id"]]
 
 
 def test_an_unknown_deploy_id_is_404_and_requests_need_the_secret(
