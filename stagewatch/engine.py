@@ -268,7 +268,11 @@ class Engine:
             return SNAPSHOTTING, f"kept release {release.sha256[:12]} found"
 
         copy = verify.stage_verified_copy(
-            self.config.staging, install_path, entry.expected_sha256, heartbeat
+            self.config.staging,
+            install_path,
+            entry.expected_sha256,
+            heartbeat,
+            requested_by="the webhook" if entry.trigger == "webhook" else "--sha256",
         )
         entry.new_sha256 = copy.sha256
         self._pending_copy = copy

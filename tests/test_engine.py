@@ -93,14 +93,19 @@ def test_a_checksum_mismatch_is_rejected_and_moved_aside_with_nothing_changed(
     assert beside_install_path(sandbox) == []
 
 
-def test_a_sha256_named_by_the_webhook_must_match_too(sandbox: Sandbox) -> None:
+@pytest.mark.parametrize(
+    ("trigger", "named"), [("webhook", "the webhook asked for"), ("cli", "--sha256 asked for")]
+)
+def test_a_sha256_named_by_the_webhook_or_the_command_line_must_match_too(
+    sandbox: Sandbox, trigger: str, named: str
+) -> None:
     old = sandbox.install_initial("1.0")
     sandbox.stage("2.0")
 
-    outcome, reason = deploy(sandbox, sha256="ab" * 32)
+    outcome, reason = deploy(sandbox, sha256="ab" * 32, trigger=trigger)
 
     assert outcome == "rejected"
-    assert reason is not None and "abab" in reason
+    assert reason is not None and named in reason and "abab" in reason
     assert sandbox.binary.read_bytes() == old
 
 
