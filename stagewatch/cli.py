@@ -215,8 +215,12 @@ def snapshots_restore(context: Context, name: str, yes: bool) -> None:
             f"Stop {config.service.unit} and replace {config.database.path} with {name}?",
             abort=True,
         )
-    aside = Engine(config).restore_snapshot(name)
-    click.echo(f"restored {name}; the previous database is kept at {aside}")
+    record = Engine(config).restore_snapshot(name)
+    # The restoring step's line says where the previous database was kept.
+    for step in record.steps:
+        if step["name"] == "restoring" and step["ok"]:
+            click.echo(step["detail"])
+    _report(record)
 
 
 @cli.command()

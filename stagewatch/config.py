@@ -389,6 +389,13 @@ def _check_cross_field_rules(config: Config) -> None:
                     f'(an argv list, like ["/usr/local/bin/{key}-dealspace"])'
                 )
 
+    if (service.stop is None) != (service.start is None):
+        missing = "start" if service.start is None else "stop"
+        raise ConfigError(
+            f"service.{missing}: stop and start must be given together "
+            "(`snapshots restore` stops the service, then starts it again)"
+        )
+
     webhook = config.webhook
     if (webhook.tls_cert is None) != (webhook.tls_key is None):
         raise ConfigError("webhook.tls_cert: tls_cert and tls_key must be given together")

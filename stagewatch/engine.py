@@ -27,7 +27,7 @@ from pathlib import Path
 from stagewatch import journal, lock, rollback, snapshot, swap, verify
 from stagewatch.config import Config
 from stagewatch.errors import (
-    HealthError,
+    ConfigError,
     RecoveryError,
     RejectedError,
     ServiceError,
@@ -51,6 +51,10 @@ RESTARTING = "restarting"
 CHECKING = "checking"
 ROLLING_BACK = "rolling_back"
 FINISHED = "finished"
+# A snapshot restore's own steps; it ends with CHECKING, as a deploy does.
+STOPPING = "stopping"
+RESTORING = "restoring"
+STARTING = "starting"
 
 # Steps whose journal entry a power cut may take back (its folder is not fsynced): the entry
 # before leads the recovery to the same place. Nothing has changed before the swap, and an
@@ -65,8 +69,19 @@ _STEPS_THE_PREVIOUS_ENTRY_RECOVERS = frozenset({VERIFYING, SNAPSHOTTING, RESTART
 # without a beat: a restart may wait for the state asked for before it and then run, and a
 # rollback does the same before its probation.
 _MARGIN_SECONDS = 5.0
-_CHUNKED_STEP_SILENCE_SECONDS = {VERIFYING: 30.0, SNAPSHOTTING: 60.0, SWAPPING: 30.0}
-_MANAGER_CALLS_WITHOUT_A_BEAT = {RESTARTING: 2, CHECKING: 1, ROLLING_BACK: 2}
+_CHUNKED_STEP_SILENCE_SECONDS = {
+    VERIFYING: 30.0,
+    SNAPSHOTTING: 60.0,
+    SWAPPING: 30.0,
+    RESTORING: 60.0,
+}
+_MANAGER_CALLS_WITHOUT_A_BEAT = {
+    RESTARTING: 2,
+    CHECKING: 1,
+    ROLLING_BACK: 2,
+    STOPPING: 1,
+    STARTING: 1,
+}
 
 
 def new_attempt_id() -> str:
@@ -156,21 +171,26 @@ class Engine:
             self._recover_locked()
             return snapshot.take_snapshot(self.config.database, "manual", detached("snapshot"))
 
-    def restore_snapshot(self, name: str) -> Path:
-        """Stop the service, restore the named snapshot, start it again, check health."""
+    def restore_snapshot(self, name: str) -> Record:
+        """Stop the service, restore the named snapshot, start it again, check health.
+
+        Journaled like a deploy: an agent that dies during it leaves the attempt for the next
+        command to finish. The name and the manager's commands are checked before the
+        service is touched.
+        """
         with lock.exclusive(self.config.state.lock_path, "restore a snapshot"):
             self._recover_locked()
-            record = Record(
+            snapshot.find_snapshot(self.config.database.snapshot_dir, name)
+            self._require_stop_and_start()
+            entry = Entry(
                 id=new_attempt_id(),
                 kind="restore",
-                state="restoring",
-                trigger="cli",
+                step=STOPPING,
                 started_at=utc_now(),
                 snapshot=name,
+                trigger="cli",
             )
-            self.history.save(record)
-            with deploy_context(record.id):
-                return self._restore_locked(record, name)
+            return self._drive(entry)
 
     # Driving the state machine.
 
@@ -229,11 +249,17 @@ class Engine:
             RESTARTING: self._restart,
             CHECKING: self._check,
             ROLLING_BACK: self._roll_back,
+            STOPPING: self._stop_for_restore,
+            RESTORING: self._restore_database,
+            STARTING: self._start_after_restore,
         }
         return handlers[step]
 
     def _after_failure(self, entry: Entry, reason: str) -> tuple[str, str]:
         """Decide where a failed step leads: nothing changed yet means rejected, else undo."""
+        if entry.kind == "restore":
+            return self._after_restore_failure(entry, reason)
+
         if entry.step == ROLLING_BACK:
             entry.outcome, entry.reason = (
                 "failed",
@@ -291,6 +317,8 @@ class Engine:
             return SWAPPING, f"snapshot {entry.snapshot} already taken"
 
         snapshot.remove_partials(self.config.database.snapshot_dir)
+        # A restore (its own, or a rollback's with restore_on_rollback) cut short.
+        snapshot.undo_interrupted_restore(self.config.database)
         taken = snapshot.take_snapshot(self.config.database, entry.id, heartbeat, prune=False)
         if taken is None:
             return SWAPPING, f"no database at {self.config.database.path}; snapshot skipped"
@@ -344,6 +372,49 @@ class Engine:
         entry.outcome, entry.reason = "rolled_back", entry.rollback_reason
         return FINISHED, detail
 
+    # A snapshot restore's steps.
+
+    def _stop_for_restore(self, entry: Entry, heartbeat: Heartbeat) -> tuple[str, str]:
+        self.manager.stop()
+        # Named before the next journal entry, so that a recovery knows what is whose.
+        entry.database_aside = snapshot.aside_name(self.config.database.path).name
+        return RESTORING, f"{self.manager.unit} stopped"
+
+    def _restore_database(self, entry: Entry, heartbeat: Heartbeat) -> tuple[str, str]:
+        live = self.config.database.path
+        aside = snapshot.restore_snapshot(
+            self.config.database,
+            entry.snapshot or "",
+            aside=live.with_name(entry.database_aside or ""),
+            heartbeat=heartbeat,
+        )
+        return STARTING, f"{live} restored from {entry.snapshot}; the previous one kept as {aside}"
+
+    def _start_after_restore(self, entry: Entry, heartbeat: Heartbeat) -> tuple[str, str]:
+        self.manager.start()
+        return CHECKING, f"{self.manager.unit} started"
+
+    def _after_restore_failure(self, entry: Entry, reason: str) -> tuple[str, str]:
+        """A restore that failed still leaves the service running, on whichever database."""
+        if entry.step in (STOPPING, RESTORING):
+            # A failed restore put back what it moved: the old database is live again.
+            entry.outcome, entry.reason = "failed", f"{reason}; the database was not replaced"
+            try:
+                self.manager.start()
+            except StagewatchError as error:
+                entry.reason += f", and starting {self.manager.unit} again failed: {error}"
+        else:
+            entry.outcome, entry.reason = "failed", f"restored, but {reason}"
+        return FINISHED, reason
+
+    def _require_stop_and_start(self) -> None:
+        service = self.config.service
+        if service.manager == "command" and (service.stop is None or service.start is None):
+            raise ConfigError(
+                "service.stop: `snapshots restore` needs service.stop and service.start with "
+                'service.manager = "command" (argv lists that stop and start dealspace)'
+            )
+
     # Finishing and recovery.
 
     def _finish(self, entry: Entry) -> Record:
@@ -354,7 +425,8 @@ class Engine:
         record = self._save_record(entry)
         swap.release_previous(self.config.service.binary)
         # Before the journal goes: an agent stopped in between prunes again when it recovers.
-        self._prune(entry)
+        if entry.kind != "restore":
+            self._prune(entry)
         journal.clear(self.config.state.journal_path)
         if self.on_state is not None:
             self.on_state("idle", None)
@@ -387,10 +459,15 @@ class Engine:
         """Where an interrupted attempt goes on: the table in DESIGN-NOTES.md."""
         verify.remove_stale_copies(self.config.service.binary)
         snapshot.remove_partials(self.config.database.snapshot_dir)
+        # A restore (its own, or a rollback's with restore_on_rollback) cut short.
+        snapshot.undo_interrupted_restore(self.config.database)
         remove_torn_state_files(self.config)
 
         if entry.step == FINISHED:
             return FINISHED
+
+        if entry.kind == "restore":
+            return self._resume_restore(entry)
 
         if entry.step in (VERIFYING, SNAPSHOTTING):
             return self._resume_before_swap(entry)
@@ -411,6 +488,17 @@ class Engine:
 
         raise RecoveryError(f"the journal names an unknown step {entry.step!r}")
 
+    def _resume_restore(self, entry: Entry) -> str:
+        """A restore is finished, never undone: the operator asked for it and the service
+        may be stopped. A half-done replacement was put back (`_resume_step`): do it again."""
+        if entry.step == RESTORING:
+            live = self.config.database.path
+            aside = live.with_name(entry.database_aside or "")
+            return STARTING if _distinct_files(aside, live) else RESTORING
+
+        # A start cut short may have left the service down: start it again before checking.
+        return STARTING if entry.step == CHECKING else entry.step
+
     def _resume_before_swap(self, entry: Entry) -> str:
         """Nothing was changed yet: verify again if the same files are still staged."""
         if entry.kind == "rollback" or staged_identity(self.config) == entry.staged_identity:
@@ -423,35 +511,6 @@ class Engine:
         )
         entry.staged_identity = None
         return FINISHED
-
-    def _restore_locked(self, record: Record, name: str) -> Path:
-        log.info("Restoring snapshot %s: stopping %s", name, self.manager.unit)
-        try:
-            self.manager.stop()
-            aside = snapshot.restore_snapshot(self.config.database, name)
-        except StagewatchError as error:
-            record.outcome, record.reason = "failed", str(error)
-            self.manager.start()
-            raise
-        finally:
-            if record.outcome is not None:
-                record.finished_at = utc_now()
-                self.history.save(record)
-
-        self.manager.start()
-        try:
-            check_health(self.manager, self.config.health, detached("restore"))
-        except HealthError as error:
-            record.outcome, record.reason = "failed", f"restored, but {error}"
-        else:
-            record.outcome = "succeeded"
-
-        record.state, record.finished_at = "finished", utc_now()
-        self.history.save(record)
-        log.info("Restore %s; the previous database is kept at %s", record.outcome, aside)
-        if record.outcome != "succeeded":
-            raise HealthError(record.reason or "restore failed")
-        return aside
 
     # Small helpers.
 
@@ -660,6 +719,14 @@ def staged_identity(config: Config) -> dict[str, list[int]] | None:
             return None
         identity[path.name] = found
     return identity
+
+
+def _distinct_files(first: Path, second: Path) -> bool:
+    """Whether both exist and are not the same file (two names of one inode are not)."""
+    try:
+        return not os.path.samefile(first, second)
+    except FileNotFoundError:
+        return False
 
 
 def _identity(path: Path) -> list[int] | None:

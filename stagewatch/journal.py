@@ -21,11 +21,11 @@ JOURNAL_FORMAT = 1
 
 @dataclass
 class Entry:
-    """The state of one deploy or rollback in flight."""
+    """The state of one deploy, rollback or snapshot restore in flight."""
 
     id: str
-    kind: str  # "deploy" or "rollback"
-    step: str  # the contract's states: verifying, snapshotting, swapping, ...
+    kind: str  # "deploy", "rollback" or "restore"
+    step: str  # the contract's states (verifying, snapshotting, swapping, ...) or a restore's
     started_at: str
     expected_sha256: str | None = None
     version: str | None = None
@@ -39,6 +39,7 @@ class Entry:
     reason: str | None = None
     trigger: str = "cli"
     target_sha256: str | None = None
+    database_aside: str | None = None  # a restore's name for the database it replaces
     steps: list[dict[str, Any]] = field(default_factory=list)
 
 

@@ -24,10 +24,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import logging
 import os
 import re
-import shutil
 import sqlite3
 import stat
 import sys
@@ -211,7 +211,13 @@ def remove_partials(snapshot_dir: Path) -> list[Path]:
     return removed
 
 
-def restore_snapshot(database: DatabaseConfig, name: str) -> Path:
+def restore_snapshot(
+    database: DatabaseConfig,
+    name: str,
+    *,
+    aside: Path | None = None,
+    heartbeat: Heartbeat | None = None,
+) -> Path:
     """Install the snapshot `name` as the live database; return where the old one was kept.
 
     The caller stops the service first; a database still held open by a WAL-mode connection
@@ -221,15 +227,18 @@ def restore_snapshot(database: DatabaseConfig, name: str) -> Path:
     state. The `-shm` is deleted: it is only an index of the `-wal`, which SQLite rebuilds
     from the `-wal` when the kept copy is opened (https://www.sqlite.org/walformat.html), and
     a stale one must not be left beside the restored file. The restored file gets the
-    snapshot's bytes and the owner, group and mode of the database it replaces.
+    snapshot's bytes and the owner, group and mode of the database it replaces. `aside`
+    names the kept database when the caller chose the name first (`aside_name`), to journal
+    it; `heartbeat` beats per chunk copied and checked.
 
     Raises SnapshotError, with nothing changed, for an unknown name (the message lists the
     known ones), a snapshot that fails `PRAGMA integrity_check`, a missing database (its
     owner and mode are unknown, and a wrong database.path should not be papered over), or a
     database still in use.
     """
-    snapshot = _find_snapshot(database.snapshot_dir, name)
+    snapshot = find_snapshot(database.snapshot_dir, name)
     live = database.path
+    heartbeat = heartbeat or detached("restore")
     started = time.monotonic()
     logger.info("Restoring %s from snapshot %s", live.name, name)
     logger.debug("Restoring %s from %s", live, snapshot.path)
@@ -238,9 +247,9 @@ def restore_snapshot(database: DatabaseConfig, name: str) -> Path:
     staged = temporary_name(live, "restore")
     try:
         _refuse_if_in_use(live)
-        _stage_copy(snapshot.path, staged, original)
-        _check_staged_copy(staged, snapshot)
-        aside = _install(staged, live)
+        _stage_copy(snapshot.path, staged, original, heartbeat)
+        _check_staged_copy(staged, snapshot, heartbeat)
+        aside = _install(staged, live, aside or aside_name(live))
     except OSError as error:
         raise SnapshotError(f"cannot restore {live} from {snapshot.path}: {error}") from error
     finally:
@@ -254,6 +263,35 @@ def restore_snapshot(database: DatabaseConfig, name: str) -> Path:
         aside.name,
     )
     return aside
+
+
+def undo_interrupted_restore(database: DatabaseConfig) -> None:
+    """Put back what a restore that died half-way moved; a completed one stays as it is.
+
+    For recovery after an agent died inside `restore_snapshot`. The database is linked
+    aside before anything else moves, and replaced last: a name kept aside that is still the
+    live database's inode belongs to a restore that never replaced it. Its `-wal` and
+    `-journal` go back beside the live database (unless new ones are there), then the second
+    name goes; the copy staged beside the database goes too. Running this twice is harmless.
+    """
+    live = database.path
+    for stale in live.parent.glob(f".{glob.escape(live.name)}.restore-*"):
+        remove_if_present(stale)
+    try:
+        live_inode = live.stat().st_ino
+    except FileNotFoundError:
+        return
+
+    for aside in live.parent.glob(f"{glob.escape(live.name)}.before-restore-*"):
+        if aside.name.endswith(SIDE_FILE_SUFFIXES) or aside.stat().st_ino != live_inode:
+            continue
+        for suffix in ("-wal", "-journal"):
+            kept, current = _side_file(aside, suffix), _side_file(live, suffix)
+            if kept.exists() and not current.exists():
+                os.rename(kept, current)
+        aside.unlink()
+        logger.warning("Undid the interrupted restore of %s: its journal files are back", live)
+    fsync_directory(live.parent)
 
 
 def snapshot_name(database_path: Path, label: str, moment: datetime) -> str:
@@ -585,7 +623,8 @@ def _format_size(size: int) -> str:
     return f"{size / 1024:.0f} KiB"
 
 
-def _find_snapshot(snapshot_dir: Path, name: str) -> Snapshot:
+def find_snapshot(snapshot_dir: Path, name: str) -> Snapshot:
+    """The snapshot called `name`; SnapshotError listing the known ones when there is none."""
     snapshots = list_snapshots(snapshot_dir)
     for snapshot in snapshots:
         if snapshot.name == name:
@@ -638,21 +677,25 @@ def _refuse_if_in_use(live: Path) -> None:
         os.close(descriptor)
 
 
-def _stage_copy(snapshot: Path, staged: Path, original: os.stat_result) -> None:
+def _stage_copy(
+    snapshot: Path, staged: Path, original: os.stat_result, heartbeat: Heartbeat
+) -> None:
     """Copy the snapshot beside the database, durable, with the database's owner and mode."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     descriptor = os.open(staged, flags, 0o600)
     with snapshot.open("rb") as source, os.fdopen(descriptor, "wb") as target:
-        shutil.copyfileobj(source, target, _COPY_CHUNK_BYTES)
+        while chunk := source.read(_COPY_CHUNK_BYTES):
+            target.write(chunk)
+            heartbeat.beat()
         target.flush()
         os.fchown(target.fileno(), original.st_uid, original.st_gid)
         os.fchmod(target.fileno(), stat.S_IMODE(original.st_mode))
         os.fsync(target.fileno())
 
 
-def _check_staged_copy(staged: Path, snapshot: Snapshot) -> None:
+def _check_staged_copy(staged: Path, snapshot: Snapshot, heartbeat: Heartbeat) -> None:
     try:
-        _check_integrity(staged, detached("restore"))
+        _check_integrity(staged, heartbeat)
     except SnapshotError as error:
         raise SnapshotError(
             f"snapshot {snapshot.path} is damaged and was not restored ({error}); "
@@ -660,7 +703,7 @@ def _check_staged_copy(staged: Path, snapshot: Snapshot) -> None:
         ) from error
 
 
-def _install(staged: Path, live: Path) -> Path:
+def _install(staged: Path, live: Path, aside: Path) -> Path:
     """Keep the live database and its `-wal`/`-journal` aside, then rename `staged` over it.
 
     The side files go first: SQLite replays a `-wal` or a hot `-journal` into whatever
@@ -669,7 +712,6 @@ def _install(staged: Path, live: Path) -> Path:
     database path holds a complete file at every moment. Each completed move records its
     undo; a failure undoes them in reverse.
     """
-    aside = _aside_name(live)
     undo: list[Callable[[], object]] = []
     try:
         os.link(live, aside)
@@ -699,7 +741,8 @@ def _move_side_file(live: Path, aside: Path, suffix: str, undo: list[Callable[[]
     logger.debug("Kept %s aside as %s", current, kept)
 
 
-def _aside_name(live: Path) -> Path:
+def aside_name(live: Path) -> Path:
+    """A free name beside the live database to keep it under during a restore."""
     moment = datetime.now(UTC)
     while True:
         aside = live.with_name(f"{live.name}.before-restore-{_format_time(moment)}")

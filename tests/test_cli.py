@@ -91,7 +91,27 @@ def test_snapshots_create_and_restore_with_yes(sandbox: Sandbox) -> None:
 
     restored = stagewatch(sandbox, "snapshots", "restore", name, "--yes")
     assert restored.returncode == 0, restored.stderr
+    assert "the previous one kept as" in restored.stdout
+    assert "restore  succeeded" in restored.stdout
     assert sandbox.served_version() == "1.0"
+
+
+def test_restore_without_stop_and_start_commands_exits_2_with_the_service_untouched(
+    sandbox: Sandbox,
+) -> None:
+    sandbox.install_initial("1.0")
+    created = stagewatch(sandbox, "snapshots", "create")
+    assert created.returncode == 0, created.stderr
+    sandbox.write_config(service__stop=None, service__start=None)
+    pid_before = sandbox.service_pid()
+
+    refused = stagewatch(sandbox, "snapshots", "restore", created.stdout.split()[0], "--yes")
+
+    assert refused.returncode == 2, refused.stderr
+    assert "service.stop: `snapshots restore` needs service.stop and service.start" in (
+        refused.stderr
+    )
+    assert sandbox.service_pid() == pid_before
 
 
 def test_version_and_help_are_everywhere() -> None:

@@ -71,6 +71,8 @@ def test_relative_paths_are_relative_to_the_config_files_folder(tmp_path: Path) 
         ("[database]\nkeep = true\n", "database.keep: must be an integer"),
         ('[database]\nmissing_ok = "yes"\n', "database.missing_ok: must be true or false"),
         ("[staging]\nsettle_seconds = -1\n", "staging.settle_seconds: must be >= 0"),
+        ('[service]\nstop = ["/bin/true"]\n', "service.start: stop and start must be given"),
+        ('[service]\nstart = ["/bin/true"]\n', "service.stop: stop and start must be given"),
         ("[staging]\nmax_size_mb = 0\n", "staging.max_size_mb: must be >= 1"),
         ('[staging]\nartifact = "a/b"\n', "staging.artifact: must be a plain file name"),
         ("[staging]\narm_timeout_seconds = 0\n", "staging.arm_timeout_seconds: must be > 0"),

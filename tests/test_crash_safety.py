@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from sandbox import Sandbox, wait_for
 
-from stagewatch import lock
+from stagewatch import journal, lock
 from stagewatch.cli import main
 from stagewatch.engine import Engine
 from stagewatch.history import History
@@ -162,6 +162,120 @@ def test_the_next_deploy_command_settles_an_interrupted_one_first(tmp_path: Path
 
         assert "Recovering the deploy interrupted at step restarting" in settled.stderr
         assert assert_guarantees(sandbox, old, new) == "succeeded"
+    finally:
+        sandbox.stop_everything()
+
+
+def restore_command(sandbox: Sandbox, name: str) -> list[str]:
+    return ["--config", str(sandbox.config_path), "snapshots", "restore", name, "--yes"]
+
+
+def snapshot_then_mark(sandbox: Sandbox) -> str:
+    """Take a snapshot, then commit a table it lacks: the live database can be told from it."""
+    taken = Engine(sandbox.config).take_snapshot()
+    assert taken is not None
+    mark_in_the_wal(sandbox)
+    return taken.name
+
+
+def mark_in_the_wal(sandbox: Sandbox) -> None:
+    """Commit the table from a process killed before it closes its connection, so that the
+    commit stays in the `-wal`, as it would under a service that was killed."""
+    marker = (
+        "import os, signal, sqlite3, sys\n"
+        "connection = sqlite3.connect(sys.argv[1])\n"
+        "connection.execute('PRAGMA journal_mode=WAL')\n"
+        "connection.execute('CREATE TABLE after_snapshot (x)')\n"
+        "connection.commit()\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    subprocess.run([sys.executable, "-c", marker, str(sandbox.database)], check=False)
+    assert sandbox.database.with_name(sandbox.database.name + "-wal").exists()
+
+
+def tables(database: Path) -> set[str]:
+    with sqlite3.connect(database) as connection:
+        rows = connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        return {row[0] for row in rows}
+
+
+def assert_restored(sandbox: Sandbox, outcome: str = "succeeded") -> None:
+    """The restore was finished by the recovery; the database it replaced is kept aside."""
+    recovered = Engine(sandbox.config).recover()
+
+    assert recovered is not None and recovered.kind == "restore"
+    assert recovered.outcome == outcome, recovered.reason
+    assert "after_snapshot" not in tables(sandbox.database)
+    kept = [
+        path
+        for path in sandbox.database.parent.glob("dealspace.db.before-restore-*")
+        if not path.name.endswith(("-wal", "-journal", "-shm"))
+    ]
+    assert len(kept) == 1, kept
+    assert "after_snapshot" in tables(kept[0])
+    leftovers = [path.name for path in sandbox.database.parent.glob(".dealspace.db.*")]
+    assert leftovers == []
+    assert wait_for(lambda: sandbox.served_version() == "1.0", 5, "the service serving")
+    assert not (sandbox.state / "journal.json").exists()
+
+
+@pytest.mark.parametrize("step", ["stopping", "restoring", "starting", "checking"])
+def test_a_restore_killed_at_a_step_boundary_is_shown_interrupted_and_finished_next(
+    tmp_path: Path, step: str
+) -> None:
+    sandbox = fast_sandbox(tmp_path)
+    try:
+        sandbox.install_initial("1.0")
+        name = snapshot_then_mark(sandbox)
+
+        killed = subprocess.run(
+            [sys.executable, str(HARNESS), step, "1", "--", *restore_command(sandbox, name)],
+            capture_output=True,
+            check=False,
+        )
+        assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+
+        shown = current_status(sandbox.config, History(sandbox.state / "history.db"))
+        assert shown["state"] == "interrupted"
+        assert shown["interrupted"]["step"] == step
+        assert_restored(sandbox)
+    finally:
+        sandbox.stop_everything()
+
+
+def test_a_restore_killed_inside_the_replacement_is_put_back_then_done_again(
+    tmp_path: Path,
+) -> None:
+    sandbox = fast_sandbox(tmp_path)
+    try:
+        sandbox.install_initial("1.0")
+        taken = Engine(sandbox.config).take_snapshot()
+        assert taken is not None
+        killed = subprocess.run(
+            [
+                sys.executable,
+                str(HARNESS),
+                "restoring",
+                "1",
+                "--",
+                *restore_command(sandbox, taken.name),
+            ],
+            capture_output=True,
+            check=False,
+        )
+        assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+        mark_in_the_wal(sandbox)  # the service is stopped: its last commit is in the -wal
+
+        # Where a kill inside the replacement leaves it: the database linked aside under the
+        # journaled name and its `-wal` moved along, the live name not yet replaced.
+        entry = journal.read(sandbox.state / "journal.json")
+        assert entry is not None and entry.database_aside is not None
+        live = sandbox.database
+        aside = live.with_name(entry.database_aside)
+        os.link(live, aside)
+        os.rename(live.with_name(live.name + "-wal"), aside.with_name(aside.name + "-wal"))
+
+        assert_restored(sandbox)
     finally:
         sandbox.stop_everything()
 

@@ -14,7 +14,7 @@ from sandbox import Sandbox, sha256_of, wait_for
 
 from stagewatch.cli import main
 from stagewatch.engine import DeployRequest, Engine
-from stagewatch.errors import BusyError
+from stagewatch.errors import BusyError, SnapshotError
 
 
 def deploy(sandbox: Sandbox, **request: object) -> tuple[str | None, str | None]:
@@ -214,13 +214,36 @@ def test_restore_puts_the_snapshot_back_and_keeps_the_current_database_aside(
     with sqlite3.connect(snapshot.path) as connection:
         rows_in_snapshot = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
 
-    aside = engine.restore_snapshot(snapshot.name)
+    record = engine.restore_snapshot(snapshot.name)
 
-    assert aside.exists()
+    assert (record.kind, record.outcome) == ("restore", "succeeded"), record.reason
+    assert [step["name"] for step in record.steps] == [
+        "stopping",
+        "restoring",
+        "starting",
+        "checking",
+    ]
+    assert len(list(sandbox.database.parent.glob("dealspace.db.before-restore-*"))) == 1
     assert sandbox.served_version() == "1.0"
     assert sandbox.row_count() >= rows_in_snapshot
-    assert engine.history.recent(1)[0].kind == "restore"
-    assert engine.history.recent(1)[0].outcome == "succeeded"
+    assert engine.history.recent(1)[0].id == record.id
+    assert not (sandbox.state / "journal.json").exists()
+
+
+def test_restore_of_an_unknown_name_is_refused_before_the_service_is_touched(
+    sandbox: Sandbox,
+) -> None:
+    sandbox.install_initial("1.0")
+    engine = Engine(sandbox.config)
+    taken = engine.take_snapshot()
+    assert taken is not None
+    pid_before = sandbox.service_pid()
+
+    with pytest.raises(SnapshotError, match=rf"no snapshot named 'nope.db' .*known: {taken.name}"):
+        engine.restore_snapshot("nope.db")
+
+    assert sandbox.service_pid() == pid_before
+    assert engine.history.recent(5) == []
 
 
 def test_rollback_reinstalls_the_previous_release_and_to_names_a_kept_one(
