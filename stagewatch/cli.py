@@ -46,6 +46,8 @@ class Context:
 
 pass_context = click.make_pass_decorator(Context)
 
+_VERSION_LINE = f"stagewatch, version {__version__}"
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
@@ -55,7 +57,7 @@ pass_context = click.make_pass_decorator(Context)
     help="Configuration file [default: $STAGEWATCH_CONFIG, else /etc/stagewatch/stagewatch.toml].",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Log paths and commands, and tracebacks.")
-@click.version_option(__version__, prog_name="stagewatch")
+@click.version_option(__version__, message=_VERSION_LINE)
 @click.pass_context
 def cli(click_context: click.Context, config_path: str | None, verbose: bool) -> None:
     """stagewatch: deploy a staged binary safely, with snapshot, health check and rollback."""
@@ -88,9 +90,32 @@ def check_config(context: Context) -> None:
     click.echo(f"{context.config_path}: configuration is valid")
 
 
+# `deploy --version V` names the release (CONTRACT.md); `deploy --version` alone, as on every
+# other command, prints stagewatch's own version.
+_OWN_VERSION = "\0own version"
+
+
+def _release_version(
+    click_context: click.Context, _parameter: click.Parameter, value: str | None
+) -> str | None:
+    if value == _OWN_VERSION:
+        click.echo(_VERSION_LINE)
+        click_context.exit()
+    return value
+
+
 @cli.command()
 @click.option("--sha256", "sha256", metavar="HEX", help="Also require this sha256.")
-@click.option("--version", "version", metavar="V", help="The release's version, for the history.")
+@click.option(
+    "--version",
+    "version",
+    metavar="V",
+    is_flag=False,
+    flag_value=_OWN_VERSION,
+    is_eager=True,
+    callback=_release_version,
+    help="The release's version, for the history; alone, stagewatch's version.",
+)
 @click.option("--force", is_flag=True, help="Deploy even a release that was rolled back before.")
 @pass_context
 def deploy(context: Context, sha256: str | None, version: str | None, force: bool) -> None:
@@ -230,6 +255,18 @@ def demo(keep_folder: str | None) -> None:
     from stagewatch.demo import run_demo
 
     sys.exit(run_demo(Path(keep_folder) if keep_folder else None))
+
+
+def _version_everywhere(group: click.Group) -> None:
+    """`--version` on every command and subcommand, as on `stagewatch` itself."""
+    for command in group.commands.values():
+        if not any("--version" in parameter.opts for parameter in command.params):
+            click.version_option(__version__, message=_VERSION_LINE)(command)
+        if isinstance(command, click.Group):
+            _version_everywhere(command)
+
+
+_version_everywhere(cli)
 
 
 def main(argv: list[str] | None = None) -> int:

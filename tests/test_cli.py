@@ -11,6 +11,8 @@ from pathlib import Path
 
 from sandbox import Sandbox, sha256_of
 
+from stagewatch import __version__
+
 
 def stagewatch(sandbox: Sandbox, *arguments: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -115,30 +117,39 @@ def test_restore_without_stop_and_start_commands_exits_2_with_the_service_untouc
 
 
 def test_version_and_help_are_everywhere() -> None:
-    shown = subprocess.run(
-        [sys.executable, "-m", "stagewatch", "--version"], capture_output=True, text=True
-    )
-    assert shown.returncode == 0 and "stagewatch" in shown.stdout
-
     for command in (
+        [],
         ["run"],
         ["check-config"],
         ["deploy"],
         ["status"],
         ["history"],
         ["rollback"],
+        ["snapshots"],
         ["snapshots", "list"],
         ["snapshots", "create"],
         ["snapshots", "restore"],
         ["demo"],
     ):
-        helped = subprocess.run(
-            [sys.executable, "-m", "stagewatch", *command, "--help"],
-            capture_output=True,
-            text=True,
-        )
+        # No configuration is needed for either: the file below does not exist.
+        stagewatch = [sys.executable, "-m", "stagewatch", "--config", "/nonexistent.toml"]
+        helped = subprocess.run([*stagewatch, *command, "--help"], capture_output=True, text=True)
+        shown = subprocess.run([*stagewatch, *command, "--version"], capture_output=True, text=True)
+
         assert helped.returncode == 0, (command, helped.stderr)
         assert "Usage:" in helped.stdout
+        assert shown.returncode == 0, (command, shown.stderr)
+        assert shown.stdout == f"stagewatch, version {__version__}\n"
+
+
+def test_deploy_version_with_a_value_names_the_release(sandbox: Sandbox) -> None:
+    sandbox.install_initial("1.0")
+    sandbox.stage("2.0")
+
+    deployed = stagewatch(sandbox, "deploy", "--version", "2.0", "--force")
+
+    assert deployed.returncode == 0, deployed.stderr
+    assert "version 2.0" in deployed.stdout
 
 
 def test_check_config_refuses_a_restore_on_rollback_that_could_not_write_the_database(
