@@ -178,6 +178,8 @@ def rollback(context: Context, to_prefix: str | None) -> None:
     """Reinstall the previous (or a named kept) release, restart, health check."""
     from stagewatch.engine import Engine
 
+    if to_prefix is not None:
+        to_prefix = _valid_sha256_prefix(to_prefix)
     _report(Engine(context.config).rollback(to_prefix))
 
 
@@ -324,6 +326,16 @@ def _history(config: Config) -> History | None:
     """The history for reading, None before the first attempt: these commands create nothing."""
     path = config.state.history_path
     return History(path) if path.exists() else None
+
+
+def _valid_sha256_prefix(text: str) -> str:
+    prefix = text.strip().lower()
+    if not prefix or len(prefix) > 64 or any(c not in "0123456789abcdef" for c in prefix):
+        raise click.BadParameter(
+            "must be the first hexadecimal digits of a sha256, as `stagewatch history` shows",
+            param_hint="--to",
+        )
+    return prefix
 
 
 def _valid_sha256(text: str) -> str:

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from sandbox import Sandbox, sha256_of
 
 from stagewatch import __version__
@@ -176,3 +177,13 @@ def test_check_config_names_each_problem_and_exits_2(sandbox: Sandbox) -> None:
     assert checked.returncode == 2
     assert "database.path" in checked.stderr
     assert "chmod 0600" in checked.stderr
+
+
+@pytest.mark.parametrize("prefix", ["zz", "", "a" * 65])
+def test_rollback_to_a_prefix_that_is_not_hex_is_a_usage_error(
+    sandbox: Sandbox, prefix: str
+) -> None:
+    refused = stagewatch(sandbox, "rollback", "--to", prefix)
+
+    assert refused.returncode == 2, refused.stderr
+    assert "--to" in refused.stderr and "hexadecimal" in refused.stderr
