@@ -250,7 +250,12 @@ def _digest_for(artifact: str, entries: list[_Entry], label: str) -> str:
 
     matching = [entry for entry in entries if entry.name in (artifact, f"./{artifact}")]
     if not matching:
-        raise ChecksumError(f"{label}: names {_list_names(entries)}, expected {artifact!r}")
+        # A path is named as such: its last part may well be the artifact's name.
+        paths = "the path " if all("/" in (entry.name or "") for entry in entries) else ""
+        raise ChecksumError(
+            f"{label}: names {paths}{_list_names(entries)}, expected the file name {artifact!r} "
+            "alone"
+        )
 
     first = matching[0]
     for entry in matching[1:]:

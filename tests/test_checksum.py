@@ -136,15 +136,19 @@ def test_a_file_of_exactly_the_size_limit_is_read() -> None:
             f"SHA256 (dealspace) = {DIGEST} extra".encode(), "is not a hex digest", id="bsd-extra"
         ),
         pytest.param(
-            f"{DIGEST}  other\n".encode(), "names 'other', expected 'dealspace'", id="other-name"
+            f"{DIGEST}  other\n".encode(),
+            "names 'other', expected the file name 'dealspace' alone",
+            id="other-name",
         ),
         pytest.param(
             f"{DIGEST}  build/dealspace\n".encode(),
-            "names 'build/dealspace', expected 'dealspace'",
+            "names the path 'build/dealspace', expected the file name 'dealspace' alone",
             id="path-to-another-file",
         ),
         pytest.param(
-            f"{DIGEST}  /tmp/dealspace\n".encode(), "names '/tmp/dealspace'", id="absolute-path"
+            f"{DIGEST}  /tmp/dealspace\n".encode(),
+            "names the path '/tmp/dealspace'",
+            id="absolute-path",
         ),
         pytest.param(
             f"SHA256 (dealspace.old) = {DIGEST}\n".encode(),
