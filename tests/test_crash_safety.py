@@ -45,6 +45,22 @@ def deploy_command(sandbox: Sandbox) -> list[str]:
     return [sys.executable, "-m", "stagewatch", "--config", str(sandbox.config_path), "deploy"]
 
 
+def kill_at(step: str, arguments: list[str]) -> None:
+    """Run `stagewatch ARGUMENTS`, SIGKILLed as the journal first names `step`."""
+    killed = subprocess.run(
+        [sys.executable, str(HARNESS), step, "1", "--", *arguments],
+        capture_output=True,
+        check=False,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+
+
+def assert_shown_interrupted(sandbox: Sandbox, step: str) -> None:
+    shown = current_status(sandbox.config, History(sandbox.state / "history.db"))
+    assert shown["state"] == "interrupted"
+    assert shown["interrupted"]["step"] == step
+
+
 def assert_guarantees(sandbox: Sandbox, old: bytes, new: bytes, attempts_before: int = 0) -> str:
     """Recover as the next command would, then check every guarantee; return the outcome.
 
@@ -105,16 +121,8 @@ def test_a_deploy_killed_at_a_step_boundary_is_finished_or_undone(
         old = sandbox.install_initial("1.0")
         new = sandbox.stage("2.0", behaviour)
 
-        killed = subprocess.run(
-            [sys.executable, str(HARNESS), step, "1", "--", *deploy_command(sandbox)[3:]],
-            capture_output=True,
-            check=False,
-        )
-        assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
-
-        shown = current_status(sandbox.config, History(sandbox.state / "history.db"))
-        assert shown["state"] == "interrupted"
-        assert shown["interrupted"]["step"] == step
+        kill_at(step, deploy_command(sandbox)[3:])
+        assert_shown_interrupted(sandbox, step)
 
         outcome = assert_guarantees(sandbox, old, new)
 
@@ -132,12 +140,7 @@ def test_a_kill_between_the_two_staged_files_removals_is_finished_by_recovery(
     try:
         old = sandbox.install_initial("1.0")
         new = sandbox.stage("2.0")
-        killed = subprocess.run(
-            [sys.executable, str(HARNESS), "finished", "1", "--", *deploy_command(sandbox)[3:]],
-            capture_output=True,
-            check=False,
-        )
-        assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+        kill_at("finished", deploy_command(sandbox)[3:])
         # The artifact is removed first; the kill landed before the checksum file went.
         (sandbox.staging / "dealspace").unlink()
 
@@ -151,11 +154,7 @@ def test_the_next_deploy_command_settles_an_interrupted_one_first(tmp_path: Path
     try:
         old = sandbox.install_initial("1.0")
         new = sandbox.stage("2.0")
-        subprocess.run(
-            [sys.executable, str(HARNESS), "restarting", "1", "--", *deploy_command(sandbox)[3:]],
-            capture_output=True,
-            check=False,
-        )
+        kill_at("restarting", deploy_command(sandbox)[3:])
 
         # Nothing is staged any more once the settled deploy removed its files: exit 1.
         settled = subprocess.run(deploy_command(sandbox), capture_output=True, text=True)
@@ -228,16 +227,8 @@ def test_a_restore_killed_at_a_step_boundary_is_shown_interrupted_and_finished_n
         sandbox.install_initial("1.0")
         name = snapshot_then_mark(sandbox)
 
-        killed = subprocess.run(
-            [sys.executable, str(HARNESS), step, "1", "--", *restore_command(sandbox, name)],
-            capture_output=True,
-            check=False,
-        )
-        assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
-
-        shown = current_status(sandbox.config, History(sandbox.state / "history.db"))
-        assert shown["state"] == "interrupted"
-        assert shown["interrupted"]["step"] == step
+        kill_at(step, restore_command(sandbox, name))
+        assert_shown_interrupted(sandbox, step)
         assert_restored(sandbox)
     finally:
         sandbox.stop_everything()
@@ -251,19 +242,7 @@ def test_a_restore_killed_inside_the_replacement_is_put_back_then_done_again(
         sandbox.install_initial("1.0")
         taken = Engine(sandbox.config).take_snapshot()
         assert taken is not None
-        killed = subprocess.run(
-            [
-                sys.executable,
-                str(HARNESS),
-                "restoring",
-                "1",
-                "--",
-                *restore_command(sandbox, taken.name),
-            ],
-            capture_output=True,
-            check=False,
-        )
-        assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
+        kill_at("restoring", restore_command(sandbox, taken.name))
         mark_in_the_wal(sandbox)  # the service is stopped: its last commit is in the -wal
 
         # Where a kill inside the replacement leaves it: the database linked aside under the

@@ -138,6 +138,31 @@ def test_no_pings_unless_the_watchdog_is_meant_for_this_process(
     assert notify_socket.times("STOPPING=1")
 
 
+def hold_system_calls(tasks: list[int], calls: str, at: str) -> subprocess.Popen[bytes]:
+    """strace, holding each of `calls` by `tasks` (threads) for 30 s at its "enter" or "exit"."""
+    return subprocess.Popen(
+        [
+            "strace",
+            "-qq",
+            "-o",
+            "/dev/null",
+            *(f"-p{task}" for task in tasks),
+            "-e",
+            f"trace={calls}",
+            "-e",
+            f"inject={calls}:delay_{at}=30000000",
+        ],
+    )
+
+
+def traced_by(pid: int) -> int:
+    """The pid of the process tracing `pid`'s main thread; 0 for none (proc(5))."""
+    fields = dict(
+        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    )
+    return int(fields["TracerPid"])
+
+
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
 def test_pings_stop_while_a_rollback_hangs_in_a_system_call_and_the_next_start_ends_it(
     daemon_sandbox: MakeSandbox, notify_socket: NotifySocket, health_stand_in: HealthStandIn
@@ -162,20 +187,8 @@ def test_pings_stop_while_a_rollback_hangs_in_a_system_call_and_the_next_start_e
 
     wait_for(lambda: daemon.state() == "rolling_back", 20, "the rollback to start")
     # Every thread of the agent, and no child: the commands it runs are not to be held up.
-    threads = [f"-p{task}" for task in os.listdir(f"/proc/{daemon.pid}/task")]
-    tracer = subprocess.Popen(
-        [
-            "strace",
-            "-qq",
-            "-o",
-            "/dev/null",
-            *threads,
-            "-e",
-            "trace=connect",
-            "-e",
-            "inject=connect:delay_enter=30000000",
-        ],
-    )
+    threads = [int(task) for task in os.listdir(f"/proc/{daemon.pid}/task")]
+    tracer = hold_system_calls(threads, "connect", "enter")
     try:
         hung = time.monotonic()
         daemon.wait_for_log("No progress from deploy step rolling_back", timeout=25)
@@ -212,14 +225,6 @@ def test_pings_stop_while_a_rollback_hangs_in_a_system_call_and_the_next_start_e
     assert pings_between(notify_socket, second_ready, second_ready + 1.0) >= 3
 
 
-def traced_by(pid: int) -> int:
-    """The pid of the process tracing `pid`'s main thread; 0 for none (proc(5))."""
-    fields = dict(
-        line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-    )
-    return int(fields["TracerPid"])
-
-
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
 def test_pings_stop_while_an_event_waits_on_a_stuck_main_loop(
     daemon_sandbox: MakeSandbox, notify_socket: NotifySocket
@@ -231,19 +236,7 @@ def test_pings_stop_while_an_event_waits_on_a_stuck_main_loop(
     daemon.start({**notify_socket.environment, **WATCHDOG})
     notify_socket.wait_for_line("READY=1")
     assert daemon.pid is not None
-    tracer = subprocess.Popen(
-        [
-            "strace",
-            "-qq",
-            "-o",
-            "/dev/null",
-            f"-p{daemon.pid}",
-            "-e",
-            "trace=poll,ppoll",
-            "-e",
-            "inject=poll,ppoll:delay_exit=30000000",
-        ],
-    )
+    tracer = hold_system_calls([daemon.pid], "poll,ppoll", "exit")
     try:
         wait_for(lambda: traced_by(daemon.pid) == tracer.pid, 5, "strace to attach")
         # The first arm wakes the main thread, which sticks in its next poll; the second waits.
