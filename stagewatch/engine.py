@@ -317,8 +317,6 @@ class Engine:
             return SWAPPING, f"snapshot {entry.snapshot} already taken"
 
         snapshot.remove_partials(self.config.database.snapshot_dir)
-        # A restore (its own, or a rollback's with restore_on_rollback) cut short.
-        snapshot.undo_interrupted_restore(self.config.database)
         taken = snapshot.take_snapshot(self.config.database, entry.id, heartbeat, prune=False)
         if taken is None:
             return SWAPPING, f"no database at {self.config.database.path}; snapshot skipped"
