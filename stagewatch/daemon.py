@@ -180,14 +180,7 @@ class Coordinator:
 
     def arm(self, sha256: str | None, version: str | None, force: bool) -> dict[str, Any]:
         with self._lock:
-            if self._deploying is not None:
-                raise BusyError(f"deploy {self._deploying} is running", self._deploying)
-            if lock.is_held(self.config.state.lock_path):
-                # `stagewatch deploy`, `rollback` or `snapshots restore`, run by hand.
-                running = self._journaled_attempt()
-                what = f"deploy {running}" if running else "a deploy, rollback or restore"
-                raise BusyError(f"{what} is running from the command line", running)
-
+            self._refuse_while_busy()
             armed_until = datetime.now(UTC) + timedelta(
                 seconds=self.config.staging.arm_timeout_seconds
             )
@@ -202,13 +195,14 @@ class Coordinator:
                 force = force or earlier.force
                 record = self.engine.history.get(earlier.id)
                 started_at = record.started_at if record is not None else started_at
-            arm_id = earlier.id if earlier is not None else new_attempt_id()
-            arm = Arm(arm_id, until_text, sha256, version, force)
+            arm = Arm(
+                earlier.id if earlier else new_attempt_id(), until_text, sha256, version, force
+            )
             self._arm = arm
             write_arm(self.config, arm)
             self.engine.history.save(
                 Record(
-                    id=arm_id,
+                    id=arm.id,
                     kind="deploy",
                     state="armed",
                     trigger="webhook",
@@ -221,7 +215,17 @@ class Coordinator:
             )
 
         self.events.put(_Event("armed"))
-        return {"id": arm_id, "state": "armed", "armed_until": until_text}
+        return {"id": arm.id, "state": "armed", "armed_until": until_text}
+
+    def _refuse_while_busy(self) -> None:
+        """BusyError while the daemon deploys, or a command-line operation holds the lock."""
+        if self._deploying is not None:
+            raise BusyError(f"deploy {self._deploying} is running", self._deploying)
+        if lock.is_held(self.config.state.lock_path):
+            # `stagewatch deploy`, `rollback` or `snapshots restore`, run by hand.
+            running = self._journaled_attempt()
+            what = f"deploy {running}" if running else "a deploy, rollback or restore"
+            raise BusyError(f"{what} is running from the command line", running)
 
     def deploy_record(self, deploy_id: str) -> dict[str, Any] | None:
         record = self.engine.history.get(deploy_id)
