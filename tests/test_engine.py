@@ -15,6 +15,7 @@ from sandbox import Sandbox, sha256_of, wait_for
 from stagewatch.cli import main
 from stagewatch.engine import DeployRequest, Engine
 from stagewatch.errors import BusyError, SnapshotError
+from stagewatch.snapshot import Snapshot
 
 
 def deploy(sandbox: Sandbox, **request: object) -> tuple[str | None, str | None]:
@@ -204,13 +205,18 @@ def test_a_missing_database_is_an_error_unless_missing_ok(tmp_path: Path) -> Non
         sandbox.stop_everything()
 
 
+def installed_with_a_snapshot(sandbox: Sandbox) -> tuple[Engine, Snapshot]:
+    sandbox.install_initial("1.0")
+    engine = Engine(sandbox.config)
+    taken = engine.take_snapshot()
+    assert taken is not None
+    return engine, taken
+
+
 def test_restore_puts_the_snapshot_back_and_keeps_the_current_database_aside(
     sandbox: Sandbox,
 ) -> None:
-    sandbox.install_initial("1.0")
-    engine = Engine(sandbox.config)
-    snapshot = engine.take_snapshot()
-    assert snapshot is not None
+    engine, snapshot = installed_with_a_snapshot(sandbox)
     with sqlite3.connect(snapshot.path) as connection:
         rows_in_snapshot = connection.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
 
@@ -233,10 +239,7 @@ def test_restore_puts_the_snapshot_back_and_keeps_the_current_database_aside(
 def test_restore_of_an_unknown_name_is_refused_before_the_service_is_touched(
     sandbox: Sandbox,
 ) -> None:
-    sandbox.install_initial("1.0")
-    engine = Engine(sandbox.config)
-    taken = engine.take_snapshot()
-    assert taken is not None
+    engine, taken = installed_with_a_snapshot(sandbox)
     pid_before = sandbox.service_pid()
 
     with pytest.raises(SnapshotError, match=rf"no snapshot named 'nope.db' .*known: {taken.name}"):

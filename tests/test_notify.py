@@ -138,6 +138,19 @@ def test_no_pings_unless_the_watchdog_is_meant_for_this_process(
     assert notify_socket.times("STOPPING=1")
 
 
+def assert_pings_withheld(
+    daemon: Daemon, notify_socket: NotifySocket, part: str, after: float
+) -> None:
+    """The agent logs that `part` stalled, no sooner than `after` s from now, and stops pinging."""
+    stalled = time.monotonic()
+    daemon.wait_for_log(f"No progress from {part}", timeout=after + 15)
+    withheld = time.monotonic()
+
+    assert withheld - stalled > after, f"the pings stopped before {part}'s allowance ran out"
+    wait_past(withheld + 1.5)
+    assert pings_between(notify_socket, withheld, withheld + 1.5) == 0
+
+
 def hold_system_calls(tasks: list[int], calls: str, at: str) -> subprocess.Popen[bytes]:
     """strace, holding each of `calls` by `tasks` (threads) for 30 s at its "enter" or "exit"."""
     return subprocess.Popen(
@@ -190,13 +203,7 @@ def test_pings_stop_while_a_rollback_hangs_in_a_system_call_and_the_next_start_e
     threads = [int(task) for task in os.listdir(f"/proc/{daemon.pid}/task")]
     tracer = hold_system_calls(threads, "connect", "enter")
     try:
-        hung = time.monotonic()
-        daemon.wait_for_log("No progress from deploy step rolling_back", timeout=25)
-        withheld = time.monotonic()
-
-        assert withheld - hung > 8, "the pings stopped before the step's allowance ran out"
-        wait_past(withheld + 1.5)
-        assert pings_between(notify_socket, withheld, withheld + 1.5) == 0
+        assert_pings_withheld(daemon, notify_socket, "deploy step rolling_back", after=8)
         assert daemon.running(), "the agent itself is alive; the step is not"
         record = daemon.record(armed.document["id"])
         assert record is not None and (record["state"], record["outcome"]) == (
@@ -242,14 +249,7 @@ def test_pings_stop_while_an_event_waits_on_a_stuck_main_loop(
         # The first arm wakes the main thread, which sticks in its next poll; the second waits.
         assert daemon.arm().status == 202
         assert daemon.arm().status == 202, "the webhook answers on its own thread"
-        stuck = time.monotonic()
-
-        daemon.wait_for_log("No progress from the coordinator's loop", timeout=20)
-        withheld = time.monotonic()
-
-        assert withheld - stuck > 9, "the pings stopped before the grace ran out"
-        wait_past(withheld + 1.5)
-        assert pings_between(notify_socket, withheld, withheld + 1.5) == 0
+        assert_pings_withheld(daemon, notify_socket, "the coordinator's loop", after=9)
     finally:
         tracer.kill()
         tracer.wait()
