@@ -275,8 +275,9 @@ def undo_interrupted_restore(database: DatabaseConfig) -> None:
     name goes; the copy staged beside the database goes too. Running this twice is harmless.
     """
     live = database.path
+    changed = False
     for stale in live.parent.glob(f".{glob.escape(live.name)}.restore-*"):
-        remove_if_present(stale)
+        changed |= remove_if_present(stale)
     try:
         live_inode = live.stat().st_ino
     except FileNotFoundError:
@@ -290,8 +291,11 @@ def undo_interrupted_restore(database: DatabaseConfig) -> None:
             if kept.exists() and not current.exists():
                 os.rename(kept, current)
         aside.unlink()
+        changed = True
         logger.warning("Undid the interrupted restore of %s: its journal files are back", live)
-    fsync_directory(live.parent)
+    # Every recovery looks; only one that changed something waits for the disk.
+    if changed:
+        fsync_directory(live.parent)
 
 
 def snapshot_name(database_path: Path, label: str, moment: datetime) -> str:
