@@ -397,7 +397,7 @@ class Coordinator:
                     reason = describe(error)
                     log.error("Deploy stopped: %s", reason, exc_info=unexpected)
                     # The history may be as unwritable as the journal was (a full disk).
-                    self._retry_until_done(lambda: self._reject_unstarted(request, pair, reason))
+                    self._retry_until_done(lambda: self._record_not_started(request, reason, pair))
         finally:
             # A deploy that never ran a step leaves no journal: its arm is settled above.
             write_arm(self.config, None)
@@ -458,21 +458,22 @@ class Coordinator:
         # With require_arm = false, a pair that arrived during the deploy goes next.
         self._maybe_start_deploy()
 
-    def _reject_unstarted(self, request: DeployRequest, pair: StagedPair, reason: str) -> None:
-        """An armed attempt that failed before its first step: its files go to rejected/ID."""
+    def _record_not_started(
+        self, request: DeployRequest, reason: str, pair: StagedPair | None = None
+    ) -> None:
+        """An armed record whose deploy never ran a step: refused, nothing having changed.
+
+        With `pair`, the deploy failed on its own (not for the lock or for missing files),
+        and the pair it was started for goes to rejected/ID, as any rejection's files do.
+        """
         record = self.engine.history.get(request.id) if request.id is not None else None
         if record is None or record.outcome is not None or record.state != "armed":
             return
-        self.engine.set_aside_unstarted(record.id, pair.by_name(self.config.staging))
-        self._record_not_started(request, reason)
-
-    def _record_not_started(self, request: DeployRequest, reason: str) -> None:
-        """An armed record whose deploy never ran a step: refused, nothing having changed."""
-        record = self.engine.history.get(request.id) if request.id is not None else None
-        if record is not None and record.outcome is None and record.state == "armed":
-            record.state, record.outcome, record.reason = "finished", "rejected", reason
-            record.finished_at = utc_now()
-            self.engine.history.save(record)
+        if pair is not None:
+            self.engine.set_aside_unstarted(record.id, pair.by_name(self.config.staging))
+        record.state, record.outcome, record.reason = "finished", "rejected", reason
+        record.finished_at = utc_now()
+        self.engine.history.save(record)
 
     def _expire_arm(self) -> None:
         with self._lock:
