@@ -330,7 +330,7 @@ def _history(config: Config) -> History | None:
 
 def _valid_sha256_prefix(text: str) -> str:
     prefix = text.strip().lower()
-    if not prefix or len(prefix) > 64 or any(c not in "0123456789abcdef" for c in prefix):
+    if not 1 <= len(prefix) <= 64 or not _is_hex(prefix):
         raise click.BadParameter(
             "must be the first hexadecimal digits of a sha256, as `stagewatch history` shows",
             param_hint="--to",
@@ -340,6 +340,10 @@ def _valid_sha256_prefix(text: str) -> str:
 
 def _valid_sha256(text: str) -> str:
     digest = text.strip().lower()
-    if len(digest) != 64 or any(character not in "0123456789abcdef" for character in digest):
+    if len(digest) != 64 or not _is_hex(digest):
         raise click.BadParameter("must be 64 hexadecimal digits", param_hint="--sha256")
     return digest
+
+
+def _is_hex(text: str) -> bool:
+    return all(character in "0123456789abcdef" for character in text)
